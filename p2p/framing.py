@@ -1,0 +1,216 @@
+"""Sans-IO framing: bytes in, frames out; frames in, buffers out.
+
+A frame on the wire is
+
+    prefix   16 bytes  b"GT", type u8, flags u8, header length u32, payload length u64
+    header   msgpack map (at most ``Limits.max_header`` bytes)
+    payload  raw bytes: the segments listed in the header's "_seg" key, back to back
+
+Tensor bytes travel as raw payload segments, so a send is a ``writelines`` of memoryviews
+(no copy through msgpack) and a receive lands in one preallocated buffer per frame.
+Every length is checked against ``Limits`` before anything is allocated; a stream that
+breaks a rule cannot be resynchronised, so the decoder raises ``FrameError`` and the
+connection is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+MAGIC = b"GT"
+PREFIX = struct.Struct("!2sBBIQ")
+# Protocol versions this build speaks; the handshake picks the highest common one.
+PROTOCOL_VERSIONS = (1,)
+_SCRATCH = 64 * 1024  # small reads go through a scratch buffer; large payloads bypass it
+
+
+class MsgType(enum.IntEnum):
+    """Message types. Append only: a number, once shipped, keeps its meaning."""
+
+    HELLO = 1
+    HELLO_OK = 2
+    ERROR = 3
+    SWIM = 4
+    EXCH_OFFER = 5
+    EXCH_ACCEPT = 6
+    EXCH_DECLINE = 7
+    EXCH_PAYLOAD = 8
+    STATUS_REQ = 9
+    STATUS = 10
+    PULL_REQ = 11
+    PULL_REPLY = 12
+
+
+class FrameError(Exception):
+    """The byte stream broke the framing rules; the connection must be closed."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Largest msgpack header. Headers carry metadata and membership lists only; 1 MiB holds
+    # thousands of members while bounding what a garbage prefix can make us allocate.
+    max_header: int = 1 << 20
+    # Largest payload. 2 GiB fits a 500M-parameter float32 model; raise it for larger models.
+    max_payload: int = 2 << 30
+    # Most segments in one frame (one per tensor at most; we send one flat buffer).
+    max_segments: int = 4096
+
+
+@dataclass
+class Frame:
+    type: int
+    header: dict[str, Any]
+    payload: memoryview = field(default_factory=lambda: memoryview(b""))
+
+    @property
+    def segments(self) -> list[memoryview]:
+        out, pos = [], 0
+        for n in self.header.get("_seg", ()):
+            out.append(self.payload[pos : pos + n])
+            pos += n
+        return out
+
+
+def _nbytes(buf: Any) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def encode(
+    msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
+) -> list[Any]:
+    """Return the pieces of one frame, ready for ``writelines``. Segments are not copied."""
+    views = [_nbytes(s) for s in segments]
+    head = dict(header or {})
+    if views:
+        head["_seg"] = [v.nbytes for v in views]
+    hb = msgpack.packb(head, use_bin_type=True)
+    total = sum(v.nbytes for v in views)
+    return [PREFIX.pack(MAGIC, int(msg_type), 0, len(hb), total) + hb, *views]
+
+
+def encode_bytes(msg_type: int, header: dict[str, Any] | None = None, segments=()) -> bytes:
+    return b"".join(bytes(p) for p in encode(msg_type, header, segments))
+
+
+class Decoder:
+    """Incremental frame decoder, usable with ``asyncio.BufferedProtocol``.
+
+    ``get_buffer()`` says where the next received bytes should be written and
+    ``buffer_updated(n)`` reports how many were; ``feed(data)`` does both for callers that
+    already hold bytes. Complete frames are collected in ``frames``.
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.frames: list[Frame] = []
+        self._scratch = memoryview(bytearray(_SCRATCH))
+        self._prefix = bytearray()
+        self._head_len = 0
+        self._head = bytearray()
+        self._type = 0
+        self._payload: memoryview | None = None
+        self._got = 0
+        self._direct = False
+        self._header: dict[str, Any] = {}
+
+    # -- BufferedProtocol side -------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        if self._payload is not None and self._payload.nbytes - self._got >= _SCRATCH:
+            self._direct = True
+            return self._payload[self._got :]
+        self._direct = False
+        return self._scratch
+
+    def buffer_updated(self, n: int) -> None:
+        if self._direct:
+            self._got += n
+            if self._payload is not None and self._got == self._payload.nbytes:
+                self._finish()
+        else:
+            self._consume(self._scratch[:n])
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Consume ``data``; return and clear the frames completed so far."""
+        self._consume(memoryview(data).cast("B"))
+        out, self.frames = self.frames, []
+        return out
+
+    @property
+    def idle(self) -> bool:
+        """True between frames (no partial frame buffered)."""
+        return not self._prefix and self._payload is None and not self._head_len
+
+    # -- state machine -----------------------------------------------------------------
+    def _consume(self, data: memoryview) -> None:
+        pos, end = 0, data.nbytes
+        while pos < end:
+            if self._payload is not None:
+                take = min(end - pos, self._payload.nbytes - self._got)
+                self._payload[self._got : self._got + take] = data[pos : pos + take]
+                self._got += take
+                pos += take
+                if self._got == self._payload.nbytes:
+                    self._finish()
+            elif self._head_len:
+                take = min(end - pos, self._head_len - len(self._head))
+                self._head += data[pos : pos + take]
+                pos += take
+                if len(self._head) == self._head_len:
+                    self._header_done()
+            else:
+                take = min(end - pos, PREFIX.size - len(self._prefix))
+                self._prefix += data[pos : pos + take]
+                pos += take
+                if len(self._prefix) == PREFIX.size:
+                    self._prefix_done()
+
+    def _prefix_done(self) -> None:
+        magic, mtype, flags, head_len, payload_len = PREFIX.unpack(self._prefix)
+        self._prefix = bytearray()
+        if magic != MAGIC:
+            raise FrameError(f"bad frame magic {magic!r} (not a gossip-train peer?)")
+        if flags != 0:
+            raise FrameError(f"unknown frame flags {flags:#x}")
+        if head_len == 0 or head_len > self.limits.max_header:
+            raise FrameError(f"header length {head_len} outside 1..{self.limits.max_header}")
+        if payload_len > self.limits.max_payload:
+            raise FrameError(f"payload length {payload_len} over limit {self.limits.max_payload}")
+        self._type, self._head_len, self._plen = mtype, head_len, payload_len
+        self._head = bytearray()
+
+    def _header_done(self) -> None:
+        try:
+            header = msgpack.unpackb(
+                bytes(self._head), raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0
+            )
+        except Exception as exc:
+            raise FrameError(f"undecodable frame header: {exc}") from None
+        self._head_len, self._head = 0, bytearray()
+        if not isinstance(header, dict):
+            raise FrameError("frame header is not a map")
+        seg = header.get("_seg", [])
+        if (
+            not isinstance(seg, list)
+            or len(seg) > self.limits.max_segments
+            or not all(isinstance(n, int) and n >= 0 for n in seg)
+            or sum(seg) != self._plen
+        ):
+            raise FrameError("frame segment list does not match its payload length")
+        self._header = header
+        # Allocation happens only here, after every length was checked.
+        self._payload = memoryview(bytearray(self._plen))
+        self._got = 0
+        if self._plen == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._payload is not None
+        self.frames.append(Frame(self._type, self._header, self._payload))
+        self._payload, self._header, self._got, self._direct = None, {}, 0, False

@@ -1,0 +1,285 @@
+"""The transport interface and its TCP implementation.
+
+A transport opens and accepts *connections*; a connection sends and receives whole frames.
+Membership and gossip only see this interface, so they run unchanged on real TCP and on
+the in-memory network in ``p2p.memnet``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .framing import Decoder, Frame, FrameError, Limits, encode
+
+log = logging.getLogger(__name__)
+
+
+class TransportError(ConnectionError):
+    """A connection could not be made, or broke."""
+
+
+class ConnectionClosed(TransportError):
+    pass
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'host:port' -> (host, port), with a one-line error for anything else."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {addr!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Stats:
+    """Bytes moved by every connection of one transport (framing overhead included)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class Connection(ABC):
+    """One bidirectional frame stream. ``send`` honours flow control; wrap awaits in a deadline."""
+
+    peer: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @abstractmethod
+    async def send(
+        self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
+    ) -> None: ...
+
+    @abstractmethod
+    async def recv(self) -> Frame: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
+
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+class Transport(ABC):
+    @abstractmethod
+    async def listen(self, host: str, port: int, handler: Handler) -> tuple[str, int]:
+        """Accept connections, calling ``handler`` for each; return the bound address."""
+
+    @abstractmethod
+    async def connect(self, addr: str, timeout: float) -> Connection: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    stats: Stats
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Receives straight into the decoder's buffers; queues frames; tracks flow control."""
+
+    # Frames buffered before we stop reading from the socket (backpressure on the sender).
+    MAX_QUEUED = 64
+
+    def __init__(self, limits: Limits, stats: Stats) -> None:
+        self.decoder = Decoder(limits)
+        self.stats = stats
+        self.frames: deque[Frame] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed_exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        self.stats.received += nbytes
+        try:
+            self.decoder.buffer_updated(nbytes)
+        except FrameError as exc:
+            log.warning("dropping connection: %s", exc)
+            self.closed_exc = exc
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        if self.decoder.frames:
+            self.frames.extend(self.decoder.frames)
+            self.decoder.frames.clear()
+            if len(self.frames) >= self.MAX_QUEUED and self.transport and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed_exc is None:
+            self.closed_exc = exc or ConnectionClosed("connection closed by peer")
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionClosed(str(self.closed_exc)))
+            self._drain.exception()  # mark retrieved: the sender sees closed_exc itself
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_frame(self) -> Frame:
+        while not self.frames:
+            if self.closed_exc is not None:
+                exc = self.closed_exc
+                if isinstance(exc, TransportError):
+                    raise exc
+                raise ConnectionClosed(str(exc)) from exc
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        frame = self.frames.popleft()
+        if self._reading_paused and len(self.frames) < self.MAX_QUEUED // 2 and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return frame
+
+    async def drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            await self._drain
+
+
+class TcpConnection(Connection):
+    def __init__(self, proto: _FrameProtocol, peer: str) -> None:
+        self._proto = proto
+        self.peer = peer
+
+    async def send(
+        self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
+    ) -> None:
+        tr = self._proto.transport
+        if tr is None or tr.is_closing() or self._proto.closed_exc is not None:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        parts = encode(msg_type, header, segments)
+        tr.writelines(parts)
+        n = sum(memoryview(p).nbytes for p in parts)
+        self.bytes_sent += n
+        self._proto.stats.sent += n
+        await self._proto.drain()
+
+    async def recv(self) -> Frame:
+        frame = await self._proto.next_frame()
+        self.bytes_received = self._proto.received
+        return frame
+
+    def close(self) -> None:
+        tr = self._proto.transport
+        if tr is not None and not tr.is_closing():
+            tr.close()
+
+    def abort(self) -> None:
+        if self._proto.transport is not None:
+            self._proto.transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        tr = self._proto.transport
+        return tr is None or tr.is_closing() or self._proto.closed_exc is not None
+
+
+class TcpTransport(Transport):
+    """Real TCP through asyncio (uvloop when installed), with ``BufferedProtocol`` receives."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.stats = Stats()
+        self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def listen(self, host: str, port: int, handler: Handler) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _FrameProtocol:
+            proto = _FrameProtocol(self.limits, self.stats)
+            proto_made = proto.connection_made
+
+            def made(transport: asyncio.BaseTransport) -> None:
+                proto_made(transport)
+                peer = transport.get_extra_info("peername")
+                conn = TcpConnection(proto, f"{peer[0]}:{peer[1]}" if peer else "?")
+                task = loop.create_task(self._serve(handler, conn))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+
+            proto.connection_made = made  # type: ignore[method-assign]
+            return proto
+
+        try:
+            self._server = await loop.create_server(
+                factory, host, port, reuse_address=True, backlog=256
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    @staticmethod
+    async def _serve(handler: Handler, conn: TcpConnection) -> None:
+        try:
+            await handler(conn)
+        except (TimeoutError, TransportError, OSError):
+            pass
+        except Exception:
+            log.exception("connection handler for %s failed", conn.peer)
+        finally:
+            conn.close()
+
+    async def connect(self, addr: str, timeout: float) -> Connection:
+        host, port = parse_addr(addr)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _FrameProtocol(self.limits, self.stats), host, port
+                )
+        except TimeoutError:
+            raise TransportError(f"connect to {addr}: no answer within {timeout:.1f} s") from None
+        except OSError as exc:
+            raise TransportError(f"connect to {addr}: {exc.strerror or exc}") from None
+        return TcpConnection(proto, addr)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2.0)

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from gossip.averaging import (
+    UpdateRejected,
+    check_update,
+    mix,
+    schema_hash,
+    weighted_average,
+)
+
+
+def test_mix_is_the_pairwise_average_when_nothing_moved():
+    a, b = np.array([1.0, 2.0, 3.0], np.float32), np.array([3.0, 6.0, -1.0], np.float32)
+    ca, cb = a.copy(), b.copy()
+    mix(ca, a, b)
+    mix(cb, b, a)
+    assert np.array_equal(ca, (a + b) / 2) and np.array_equal(cb, (a + b) / 2)
+
+
+def test_mix_keeps_local_steps_taken_during_the_exchange():
+    snap = np.zeros(4, np.float32)
+    remote = np.full(4, 2.0, np.float32)
+    current = snap + np.array([0.1, 0.2, 0.3, 0.4], np.float32)  # steps taken meanwhile
+    mix(current, snap, remote)
+    np.testing.assert_allclose(current, 1.0 + np.array([0.1, 0.2, 0.3, 0.4]), rtol=1e-6)
+
+
+def test_repeated_pairwise_mixing_converges_to_the_mean():
+    rng = np.random.default_rng(0)
+    vecs = [rng.normal(size=10).astype(np.float64) for _ in range(8)]
+    mean = np.mean(vecs, axis=0)
+    for _ in range(400):
+        i, j = rng.choice(8, 2, replace=False)
+        si, sj = vecs[i].copy(), vecs[j].copy()
+        mix(vecs[i], si, sj)
+        mix(vecs[j], sj, si)
+        np.testing.assert_allclose(np.mean(vecs, axis=0), mean, atol=1e-12)  # sum preserved
+    assert max(np.abs(v - mean).max() for v in vecs) < 1e-6
+
+
+def test_weighted_average_closed_form():
+    out = weighted_average([np.array([0.0, 4.0]), np.array([4.0, 0.0])], [1, 3])
+    np.testing.assert_allclose(out, [3.0, 1.0])
+    with pytest.raises(ValueError):
+        weighted_average([], [])
+
+
+def test_check_update_rejects_non_finite_wrong_size_and_absurd():
+    local = np.ones(5, np.float32)
+    check_update(local * 1.5, local)
+    bad = local.copy()
+    bad[2] = np.nan
+    with pytest.raises(UpdateRejected, match="NaN"):
+        check_update(bad, local)
+    with pytest.raises(UpdateRejected, match="does not match"):
+        check_update(np.ones(4, np.float32), local)
+    with pytest.raises(UpdateRejected, match="implausibly"):
+        check_update(local * 1e6, local)
+
+
+def test_schema_hash_sees_names_shapes_dtypes():
+    base = [("w", (3, 4), "float32"), ("b", (4,), "float32")]
+    assert schema_hash(base) == schema_hash(list(base))
+    assert schema_hash(base) != schema_hash([("w", (4, 3), "float32"), ("b", (4,), "float32")])
+    assert schema_hash(base) != schema_hash([("w", (3, 4), "float16"), ("b", (4,), "float32")])
+    assert schema_hash(base) != schema_hash([("x", (3, 4), "float32"), ("b", (4,), "float32")])

@@ -1,0 +1,125 @@
+"""Several peers in one process on the in-memory network, averaging to the mean."""
+
+import asyncio
+import random
+
+import numpy as np
+
+from gossip.exchange import Exchanger
+from gossip.store import ArrayStore
+from p2p.framing import MsgType
+from p2p.memnet import MemoryNetwork
+from p2p.node import Node, NodeConfig
+
+
+async def make_peers(net, n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    peers = []
+    for i in range(n):
+        node = Node(net.transport(), f"p{i}", NodeConfig(handshake_timeout=0.5))
+        await node.start("h", 0)
+        store = ArrayStore(rng.normal(size=size))
+        peers.append((node, store, Exchanger(node, store)))
+    return peers
+
+
+async def test_gossip_converges_to_the_mean():
+    net = MemoryNetwork()
+    peers = await make_peers(net, 8)
+    mean = np.mean([s.weights for _, s, _ in peers], axis=0)
+    rng = random.Random(1)
+
+    async def worker(i):
+        node, _, ex = peers[i]
+        for _ in range(60):
+            j = rng.choice([k for k in range(8) if k != i])
+            await ex.exchange(peers[j][0].addr)
+            await asyncio.sleep(rng.random() * 0.005)  # peers are not in lockstep
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(worker(i) for i in range(8)))
+    spread = max(np.abs(s.weights - mean).max() for _, s, _ in peers)
+    assert spread < 1e-3
+    assert all(ex.exchanges > 0 for _, _, ex in peers)
+    # Pairwise averaging preserves the sum, so the mean is where they meet.
+    np.testing.assert_allclose(np.mean([s.weights for _, s, _ in peers], axis=0), mean, atol=1e-5)
+
+
+async def test_both_sides_end_with_the_same_average():
+    net = MemoryNetwork()
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    expect = (sa.weights + sb.weights) / 2
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+    await asyncio.sleep(0.01)
+    np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
+    np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
+
+
+async def test_busy_peer_declines_and_different_schema_is_refused():
+    net = MemoryNetwork()
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    xb._busy = True
+    out = await xa.exchange(b.addr)
+    assert not out.ok and out.busy
+    xb._busy = False
+    sb.schema = "other-model"
+    before = sa.weights.copy()
+    out = await xa.exchange(b.addr)
+    assert not out.ok and "does not match" in out.reason
+    assert b.addr in xa.incompatible
+    np.testing.assert_array_equal(sa.weights, before)
+
+
+async def test_non_finite_weights_are_never_applied():
+    net = MemoryNetwork()
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    before_b = sb.weights.copy()
+    # A broken neighbour offers properly, then sends a NaN payload.
+    conn = await a.open(b.addr)
+    await conn.send(MsgType.EXCH_OFFER, {"schema": sb.schema, "nbytes": sb.nbytes, "name": "x"})
+    assert (await conn.recv()).type == MsgType.EXCH_ACCEPT
+    bad = np.full(sb.weights.shape, np.nan, np.float32)
+    await conn.send(MsgType.EXCH_PAYLOAD, {}, [bad])
+    await conn.recv()
+    for _ in range(100):
+        if xb.rejected:
+            break
+        await asyncio.sleep(0.01)
+    assert xb.rejected == 1
+    np.testing.assert_array_equal(sb.weights, before_b)
+    # A diverged peer neither spreads its infinity nor takes ours.
+    sb.weights[3] = np.inf
+    before_a = sa.weights.copy()
+    out = await xa.exchange(b.addr)
+    assert not out.ok and "not finite" in out.reason
+    np.testing.assert_array_equal(sa.weights, before_a)
+
+
+async def test_garbage_from_a_neighbour_does_not_crash_the_peer():
+    net = MemoryNetwork()
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    conn = await net.transport().connect(b.addr, 1.0)
+    await conn.send(MsgType.HELLO, {"versions": [99], "cluster": "gossip-train"})
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR and "protocol version" in reply.header["reason"]
+    conn2 = await a.open(b.addr)
+    await conn2.send(MsgType.EXCH_OFFER, {"schema": 5, "nbytes": "x"})
+    reply = await conn2.recv()
+    assert reply.type == MsgType.EXCH_DECLINE
+    await conn2.send(200, {"whatever": 1})  # unknown type: ignored
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+
+
+async def test_dead_and_paused_peers_fail_within_the_deadline():
+    net = MemoryNetwork()
+    (a, sa, xa), (b, sb, xb), (c, sc, xc) = await make_peers(net, 3)
+    net.kill(b.addr)
+    out = await xa.exchange(b.addr)
+    assert not out.ok and "refused" in out.reason
+    net.pause(c.addr)
+    before = sa.weights.copy()
+    out = await xa.exchange(c.addr)
+    assert not out.ok
+    np.testing.assert_array_equal(sa.weights, before)

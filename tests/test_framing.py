@@ -1,0 +1,102 @@
+import random
+
+import msgpack
+import numpy as np
+import pytest
+
+from p2p.framing import MAGIC, PREFIX, Decoder, FrameError, Limits, MsgType, encode_bytes
+
+
+def test_round_trip_with_segments_fed_byte_by_byte():
+    a = np.arange(1000, dtype=np.float32)
+    b = np.arange(7, dtype=np.int64)
+    data = encode_bytes(MsgType.EXCH_PAYLOAD, {"k": "v", "n": 3}, [a, b])
+    data += encode_bytes(MsgType.SWIM, {"t": "ping"})
+    dec = Decoder()
+    frames = []
+    for i in range(len(data)):
+        frames += dec.feed(data[i : i + 1])
+    assert [f.type for f in frames] == [MsgType.EXCH_PAYLOAD, MsgType.SWIM]
+    first = frames[0]
+    assert first.header["k"] == "v" and first.header["n"] == 3
+    seg_a, seg_b = first.segments
+    assert np.array_equal(np.frombuffer(seg_a, np.float32), a)
+    assert np.array_equal(np.frombuffer(seg_b, np.int64), b)
+    assert frames[1].header == {"t": "ping"} and frames[1].payload.nbytes == 0
+    assert dec.idle
+
+
+def test_random_chunking_matches_whole_feed():
+    rng = random.Random(7)
+    payloads = [
+        np.random.default_rng(i).random(rng.randint(0, 50000)).astype(np.float32) for i in range(5)
+    ]
+    data = b"".join(
+        encode_bytes(MsgType.EXCH_PAYLOAD, {"i": i}, [p]) for i, p in enumerate(payloads)
+    )
+    dec = Decoder()
+    frames, pos = [], 0
+    while pos < len(data):
+        n = rng.randint(1, 100000)
+        frames += dec.feed(data[pos : pos + n])
+        pos += n
+    assert [f.header["i"] for f in frames] == list(range(5))
+    for f, p in zip(frames, payloads, strict=True):
+        assert bytes(f.payload) == p.tobytes()
+
+
+def test_buffered_protocol_path_writes_into_payload_directly():
+    big = np.random.default_rng(0).random(300_000).astype(np.float32)
+    data = memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big]))
+    dec, pos = Decoder(), 0
+    while pos < len(data):
+        buf = dec.get_buffer()
+        n = min(len(buf), len(data) - pos, 70_000)
+        buf[:n] = data[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+    (frame,) = dec.frames
+    assert bytes(frame.payload) == big.tobytes()
+
+
+def test_oversize_payload_is_refused_before_allocation():
+    dec = Decoder(Limits(max_payload=1000))
+    prefix = PREFIX.pack(MAGIC, MsgType.EXCH_PAYLOAD, 0, 5, 1 << 40)
+    with pytest.raises(FrameError, match="over limit"):
+        dec.feed(prefix)
+
+
+def test_oversize_header_is_refused():
+    dec = Decoder(Limits(max_header=100))
+    with pytest.raises(FrameError, match="header length"):
+        dec.feed(PREFIX.pack(MAGIC, 1, 0, 101, 0))
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"XX" + bytes(14), "magic"),
+        (PREFIX.pack(MAGIC, 1, 0, 0, 0), "header length"),
+        (PREFIX.pack(MAGIC, 1, 7, 4, 0), "flags"),
+        (PREFIX.pack(MAGIC, 1, 0, 3, 0) + b"\xc1\xc1\xc1", "undecodable"),
+        (PREFIX.pack(MAGIC, 1, 0, 2, 0) + msgpack.packb([1]), "not a map"),
+    ],
+)
+def test_garbage_raises_frame_error(raw, match):
+    with pytest.raises(FrameError, match=match):
+        Decoder().feed(raw)
+
+
+def test_segment_list_must_match_payload_length():
+    head = msgpack.packb({"_seg": [10, 10]})
+    raw = PREFIX.pack(MAGIC, 8, 0, len(head), 30) + head
+    with pytest.raises(FrameError, match="segment"):
+        Decoder().feed(raw)
+
+
+def test_truncated_frame_stays_pending():
+    data = encode_bytes(MsgType.SWIM, {"a": 1}, [b"12345"])
+    dec = Decoder()
+    assert dec.feed(data[:-1]) == []
+    assert not dec.idle
+    assert len(dec.feed(data[-1:])) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from abc import ABC, abstractmethod
 from collections import deque
@@ -42,6 +43,15 @@ class Stats:
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
+
+
+def describe(exc: OSError) -> str:
+    """A short human reason for a socket error ("Connection refused", not a repr)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens there)"
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 class Connection(ABC):
@@ -246,7 +256,7 @@ class TcpTransport(Transport):
                 factory, host, port, reuse_address=True, backlog=256
             )
         except OSError as exc:
-            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise TransportError(f"cannot listen on {host}:{port}: {describe(exc)}") from None
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -272,7 +282,7 @@ class TcpTransport(Transport):
         except TimeoutError:
             raise TransportError(f"connect to {addr}: no answer within {timeout:.1f} s") from None
         except OSError as exc:
-            raise TransportError(f"connect to {addr}: {exc.strerror or exc}") from None
+            raise TransportError(f"connect to {addr}: {describe(exc)}") from None
         return TcpConnection(proto, addr)
 
     async def close(self) -> None:

@@ -1,0 +1,89 @@
+"""The exchange over real TCP sockets on 127.0.0.1, and garbage thrown at a real port."""
+
+import asyncio
+import socket
+
+import numpy as np
+
+from gossip.exchange import Exchanger
+from gossip.store import ArrayStore
+from p2p.framing import MAGIC, PREFIX, Limits, MsgType
+from p2p.node import Node
+from p2p.transport import TcpTransport, TransportError
+
+
+async def tcp_peer(name, size, seed, limits=None):
+    node = Node(TcpTransport(limits), name)
+    await node.start("127.0.0.1", 0)
+    store = ArrayStore(np.random.default_rng(seed).normal(size=size))
+    return node, store, Exchanger(node, store)
+
+
+async def test_push_pull_over_tcp_large_vector():
+    a, sa, xa = await tcp_peer("a", 1_000_000, 1)
+    b, sb, xb = await tcp_peer("b", 1_000_000, 2)
+    try:
+        expect = (sa.weights + sb.weights) / 2
+        out = await xa.exchange(b.addr)
+        assert out.ok, out.reason
+        for _ in range(200):
+            if xb.exchanges:
+                break
+            await asyncio.sleep(0.01)
+        np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
+        np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
+        assert a.transport.stats.sent > 4_000_000 and a.transport.stats.received > 4_000_000
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def raw_send(addr, data):
+    host, port = addr.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(2):
+            rest = await reader.read()
+    except (TimeoutError, ConnectionError):
+        rest = b""
+    writer.close()
+    return rest
+
+
+async def test_garbage_on_the_port_never_hurts_the_peer():
+    b, sb, xb = await tcp_peer("b", 1000, 2, Limits(max_payload=1 << 20))
+    a, sa, xa = await tcp_peer("a", 1000, 1)
+    try:
+        await raw_send(b.addr, b"GET / HTTP/1.1\r\n\r\n")
+        await raw_send(b.addr, PREFIX.pack(MAGIC, MsgType.HELLO, 0, 10, 1 << 40))  # oversize
+        await raw_send(b.addr, PREFIX.pack(MAGIC, MsgType.HELLO, 0, 5, 0) + b"\x93\x01")  # cut
+        await raw_send(b.addr, bytes(range(256)) * 100)
+        out = await xa.exchange(b.addr)
+        assert out.ok, out.reason
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_port_in_use_and_nobody_listening_give_clear_errors():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    try:
+        node = Node(TcpTransport(), "x")
+        try:
+            await node.start("127.0.0.1", port)
+            raise AssertionError("bound a port in use")
+        except TransportError as exc:
+            assert f"cannot listen on 127.0.0.1:{port}" in str(exc)
+    finally:
+        s.close()
+    node = Node(TcpTransport(), "y")
+    try:
+        await node.open(f"127.0.0.1:{port}", 1.0)
+        raise AssertionError("connected to a closed port")
+    except TransportError as exc:
+        assert "refused" in str(exc).lower()

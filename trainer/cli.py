@@ -1,0 +1,302 @@
+"""The ``gossip-train`` command line.
+
+    gossip-train local --peers 4                 N peers on this machine, one process each
+    gossip-train peer --listen H:P --join H:P    one peer, for running across machines
+    gossip-train members --peer H:P              the member list a running peer sees
+    gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
+
+Errors a user can fix (a bad path, a port in use, nobody to join) print one line and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("gossip_train")
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--dataset",
+        choices=("default", "mnist", "fashion-mnist"),
+        help="data set (default: the small MNIST subset shipped in the package)",
+    )
+    g.add_argument("--data-dir", help="folder with the IDX files for mnist / fashion-mnist")
+    g.add_argument("--model", choices=("mlp", "cnn"), help="model (default mlp: 784-128-10)")
+    g.add_argument("--partition", help="iid (default) or dirichlet:ALPHA for non-iid shards")
+    g.add_argument("--epochs", type=float, help="passes over each peer's own shard (default 1)")
+    g.add_argument("--batch-size", type=int, help="minibatch size (default 32)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--seed", type=int, help="base seed (default 0)")
+    g.add_argument(
+        "--threads", type=int, help="torch threads per peer (default max(1, cores // local peers))"
+    )
+    g.add_argument("--period", type=int, help="local steps between exchanges (default 50)")
+
+
+def add_net_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument("--cluster", help="swarm name; peers of other clusters are refused")
+    g.add_argument(
+        "--profile",
+        choices=("local", "lan", "wan", "test"),
+        help="membership timing profile (default local)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gossip-train",
+        description="Train one PyTorch model on many peers by gossip averaging; no server.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("local", help="run N peers on this machine (one process each)")
+    p.add_argument("--peers", type=int, default=4, help="number of peers (default 4)")
+    p.add_argument("--run-dir", help="where results go (default runs/<date-time>)")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=0,
+        help="first port; peers use consecutive ports (default: free ports)",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        help="seconds a finished peer keeps answering exchanges (default 2)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no live progress view")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="stop the run after this many seconds (default 3600)",
+    )
+    add_train_args(p)
+    add_net_args(p)
+
+    p = sub.add_parser("peer", help="run one peer (one per machine, or by hand)")
+    p.add_argument("--config", help="TOML file with peer settings (flags override it)")
+    p.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:0)")
+    p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
+    p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
+    p.add_argument("--join-timeout", type=float, help="seconds to keep trying --join (default 10)")
+    p.add_argument("--name", help="unique peer name (default: the advertised address)")
+    p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
+    p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")
+    p.add_argument("--run-dir", help="folder for this peer's results (default runs/peer)")
+    p.add_argument("--linger", type=float, help="seconds to keep answering exchanges at the end")
+    p.add_argument(
+        "--events",
+        choices=("none", "jsonl"),
+        default="none",
+        help="jsonl: write machine-readable events to stdout",
+    )
+    add_train_args(p)
+    add_net_args(p)
+
+    p = sub.add_parser("members", help="print the member list a running peer sees")
+    p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")
+    p.add_argument("--cluster", default="gossip-train", help="swarm name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("eval", help="test accuracy of a final model or checkpoint")
+    p.add_argument("model_path", metavar="MODEL_OR_CHECKPOINT")
+    p.add_argument("--dataset", choices=("default", "mnist", "fashion-mnist"), default=None)
+    p.add_argument("--data-dir")
+    p.add_argument("--model", choices=("mlp", "cnn"), default=None)
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "dataset",
+        "data_dir",
+        "model",
+        "partition",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "threads",
+    )
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def peer_config(args: argparse.Namespace) -> Any:
+    from .config import PeerConfig, load_toml
+
+    cfg = load_toml(args.config) if getattr(args, "config", None) else PeerConfig()
+    top: dict[str, Any] = {}
+    for key in (
+        "listen",
+        "advertise",
+        "name",
+        "index",
+        "num_peers",
+        "run_dir",
+        "cluster",
+        "profile",
+        "join_timeout",
+    ):
+        if getattr(args, key, None) is not None:
+            top[key] = getattr(args, key)
+    if getattr(args, "linger", None) is not None:
+        top["linger_seconds"] = args.linger
+    if getattr(args, "join", None):
+        top["join"] = tuple(a.strip() for a in args.join.split(",") if a.strip())
+    train = dataclasses.replace(cfg.train, **train_overrides(args))
+    gossip = cfg.gossip
+    if getattr(args, "period", None) is not None:
+        gossip = dataclasses.replace(gossip, period_steps=args.period)
+    return dataclasses.replace(cfg, train=train, gossip=gossip, **top)
+
+
+def validate(cfg: Any) -> None:
+    from p2p.transport import parse_addr
+
+    from .partition import parse_scheme
+
+    for addr in (cfg.listen, cfg.advertise, *cfg.join):
+        if addr is not None:
+            parse_addr(addr)
+    parse_scheme(cfg.train.partition)
+    if not 0 <= cfg.index < cfg.num_peers:
+        raise UserError(f"--index {cfg.index} must be in [0, --num-peers {cfg.num_peers})")
+    if cfg.train.epochs <= 0 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    if cfg.gossip.period_steps < 1:
+        raise UserError("--period must be at least 1")
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    import torch
+
+    from p2p.transport import TcpTransport
+
+    from .config import default_threads
+    from .loop import Trainer
+    from .peer import Peer, jsonl_reporter
+
+    cfg = peer_config(args)
+    validate(cfg)
+    torch.set_num_threads(cfg.train.threads or default_threads(1))
+    trainer = Trainer(cfg.train, cfg.index, cfg.num_peers)
+    report = jsonl_reporter() if args.events == "jsonl" else None
+    peer = Peer(cfg, trainer, TcpTransport(), report)
+    result = run_async(peer.run())
+    if args.events != "jsonl":
+        print(
+            f"{result['name']}: {result['steps']} steps, {result['exchanges']} exchanges, "
+            f"test accuracy {result['test_accuracy']:.4f}; final model {result['final_model']}"
+        )
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    from .status import fetch_status, format_members
+
+    status = run_async(fetch_status(args.peer, args.cluster))
+    if args.json:
+        import json
+
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_members(status))
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from .local import run_local
+
+    return run_local(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_file
+
+    acc, meta = evaluate_file(args.model_path, args.dataset, args.data_dir, args.model)
+    print(
+        f"{args.model_path}: test accuracy {acc:.4f} on {meta['dataset']} "
+        f"({meta['test_samples']} samples, model {meta['model']})"
+    )
+    return 0
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose + (1 if args.command == "peer" else 0))
+    handlers = {"peer": cmd_peer, "local": cmd_local, "members": cmd_members, "eval": cmd_eval}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors become one line
+        if not is_user_error(exc):
+            raise
+        print(f"gossip-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def is_user_error(exc: BaseException) -> bool:
+    from p2p.transport import TransportError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .peer import PeerError
+
+    return isinstance(
+        exc,
+        (
+            UserError,
+            DataError,
+            PeerError,
+            ConfigError,
+            CheckpointError,
+            TransportError,
+            ValueError,
+            OSError,
+        ),
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

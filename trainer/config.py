@@ -1,0 +1,108 @@
+"""Peer configuration: one frozen dataclass per concern, filled by the CLI or a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossip.exchange import GossipConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # "default" is the small MNIST subset shipped in the package (no download).
+    dataset: str = "default"
+    # Folder with the IDX files for mnist / fashion-mnist (plain, .gz or .gz.partN).
+    data_dir: str | None = None
+    # "mlp" (784-128-10, the reference model) or "cnn" (two conv layers; slower, stronger).
+    model: str = "mlp"
+    # "iid" or "dirichlet:ALPHA"; smaller ALPHA gives each peer a more skewed label mix.
+    partition: str = "iid"
+    # Passes over this peer's own partition.
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    # Base seed. Every peer starts from the same initial weights (seed alone), shuffles its
+    # data with (seed, peer index), and all peers compute the same disjoint partition.
+    seed: int = 0
+    # torch intra-op threads; 0 means max(1, cores // local peers).
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Folder for this peer's checkpoints; None disables checkpointing.
+    directory: str | None = None
+    # Write every this many steps (0 = off) ...
+    every_steps: int = 500
+    # ... or every this many seconds (0 = off), whichever comes first.
+    every_seconds: float = 30.0
+    # Checkpoint files kept; older ones are deleted after a new one is complete.
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    # Unique peer name; defaults to the advertised address.
+    name: str = ""
+    # Address to bind; port 0 picks a free port.
+    listen: str = "127.0.0.1:0"
+    # Address other peers should dial (behind NAT or in a container); defaults to listen.
+    advertise: str | None = None
+    # Known peers to join through; the first that answers wins. Empty: start a new swarm.
+    join: tuple[str, ...] = ()
+    # How long to keep trying the join addresses before giving up with an error.
+    join_timeout: float = 10.0
+    # Swarm name; peers of other clusters are refused at the handshake.
+    cluster: str = "gossip-train"
+    # This peer's index and the number of peers, for computing its data partition.
+    index: int = 0
+    num_peers: int = 1
+    # Folder for this peer's results (final weights, log).
+    run_dir: str = "runs/peer"
+    # Membership profile: local, lan, wan or test.
+    profile: str = "local"
+    # After training, keep answering exchanges this long so slower peers still have partners.
+    linger_seconds: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_threads(local_peers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, local_peers))
+
+
+def _fill(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        sub = known[key].default_factory  # type: ignore[misc]
+        if isinstance(value, dict) and sub is not dataclasses.MISSING:
+            kwargs[key] = _fill(type(sub()), value, f"{where}.{key}")
+        elif key == "join":
+            kwargs[key] = tuple(value) if isinstance(value, list) else tuple(str(value).split(","))
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_toml(path: str | Path) -> PeerConfig:
+    """A PeerConfig from a TOML file: top-level peer keys, [train], [gossip], [checkpoint]."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    return _fill(PeerConfig, data, str(path))

@@ -1,0 +1,304 @@
+"""One peer: a node on the network, membership, the exchanger, and the training thread.
+
+``gossip-train peer`` runs exactly this, and ``gossip-train local`` starts N processes that
+each run it, so there is a single code path for one machine and for many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from p2p.membership import JoinError, Membership
+from p2p.swim import Swim, SwimConfig
+
+from gossip.exchange import Exchanger
+from p2p.framing import Frame, MsgType
+from p2p.node import Node, NodeConfig
+from p2p.transport import Connection, Transport, TransportError, parse_addr
+
+from .checkpoint import save_atomic
+from .config import PeerConfig
+from .loop import StepInfo, Trainer
+
+log = logging.getLogger(__name__)
+
+PROFILES = {
+    "local": SwimConfig.local,
+    "lan": SwimConfig.lan,
+    "wan": SwimConfig.wan,
+    "test": SwimConfig.test,
+}
+# Progress lines are reported at most this often.
+PROGRESS_INTERVAL = 0.5
+
+
+class PeerError(Exception):
+    """A fatal, user-facing problem (bad address, nobody to join, ...): one line, exit 2."""
+
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def jsonl_reporter(stream: Any = sys.stdout) -> Reporter:
+    lock = threading.Lock()
+
+    def report(event: dict[str, Any]) -> None:
+        with lock:
+            stream.write(json.dumps(event) + "\n")
+            stream.flush()
+
+    return report
+
+
+class Peer:
+    def __init__(
+        self,
+        cfg: PeerConfig,
+        trainer: Trainer,
+        transport: Transport,
+        report: Reporter | None = None,
+        incarnation: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.trainer = trainer
+        self.transport = transport
+        self.report = report or (lambda event: None)
+        self.incarnation = incarnation
+        self.node = Node(transport, cfg.name or "?", NodeConfig(cluster=cfg.cluster))
+        self.exchanger = Exchanger(self.node, trainer.weights, cfg.gossip)
+        self.membership: Membership | None = None
+        self.rng = random.Random(cfg.train.seed * 1000 + cfg.index)
+        self.stop = threading.Event()
+        self.t0 = time.monotonic()
+        self.status = "starting"
+        self.exchange_seconds = 0.0
+        self._kick: asyncio.Event | None = None
+        self._last_progress = 0.0
+        self._last_exchange_step = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        await self._start_node()
+        assert self.membership is not None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                member_task = tg.create_task(self.membership.run())
+                await self._join()
+                gossip_task = tg.create_task(self._gossip_loop())
+                await self._train()
+                result = await self._finish()
+                gossip_task.cancel()
+                await self._linger()
+                await self.membership.leave(timeout=2.0)
+                member_task.cancel()
+        finally:
+            await self.node.close()
+        return result
+
+    async def _start_node(self) -> None:
+        host, port = parse_addr(self.cfg.listen)
+        try:
+            await self.node.start(host, port, self.cfg.advertise)
+        except TransportError as exc:
+            raise PeerError(str(exc)) from None
+        if not self.cfg.name:
+            self.node.name = self.node.addr
+        profile = PROFILES[self.cfg.profile]()
+        swim = Swim(
+            self.node.name,
+            self.node.addr,
+            profile,
+            self.rng,
+            time.monotonic(),
+            incarnation=self.incarnation,
+        )
+        self.membership = Membership(swim, self._send_swim)
+        self.membership.on_event = self._on_member_event
+        self.node.handlers[MsgType.SWIM] = self._on_swim
+        self.node.handlers[MsgType.STATUS_REQ] = self._on_status
+        self._kick = asyncio.Event()
+        self.emit("listening", addr=self.node.addr, name=self.node.name)
+        log.info("peer %s listening on %s", self.node.name, self.node.addr)
+
+    async def _send_swim(self, addr: str, msg: dict[str, Any]) -> None:
+        await self.node.send_oneway(addr, MsgType.SWIM, msg)
+
+    async def _on_swim(self, conn: Connection, frame: Frame) -> None:
+        assert self.membership is not None
+        self.membership.deliver(frame.header)
+
+    def _on_member_event(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        kind = event.pop("kind", "member")
+        event.pop("t", None)
+        self.emit(kind, **event)
+
+    async def _join(self) -> None:
+        assert self.membership is not None
+        if not self.cfg.join:
+            return
+        try:
+            await self.membership.join(list(self.cfg.join), self.cfg.join_timeout)
+        except JoinError as exc:
+            raise PeerError(str(exc)) from None
+
+    # -- training and gossip -------------------------------------------------------------------
+    async def _train(self) -> None:
+        assert self._kick is not None
+        loop = asyncio.get_running_loop()
+        kick = self._kick
+        period = max(1, self.cfg.gossip.period_steps)
+
+        def on_step(info: StepInfo) -> None:
+            if info.step % period == 0:
+                loop.call_soon_threadsafe(kick.set)
+            now = time.monotonic()
+            if (
+                now - self._last_progress >= PROGRESS_INTERVAL
+                or info.step == self.trainer.total_steps
+            ):
+                self._last_progress = now
+                loop.call_soon_threadsafe(self._progress)
+
+        self.status = "training"
+        self.emit("started", steps=self.trainer.total_steps, samples=self.trainer.shard_size)
+        thread_done = asyncio.to_thread(self.trainer.run, self.stop, on_step)
+        try:
+            await thread_done
+        finally:
+            self.stop.set()
+
+    def _progress(self) -> None:
+        t = self.trainer
+        self.emit(
+            "progress",
+            step=t.step,
+            total=t.total_steps,
+            loss=round(t.loss, 4),
+            exchanges=self.exchanger.exchanges,
+            bytes_sent=self.transport.stats.sent,
+            bytes_received=self.transport.stats.received,
+            alive=len(self.membership.alive_addrs()) if self.membership else 0,
+        )
+
+    def neighbours(self) -> list[str]:
+        assert self.membership is not None
+        addrs = [
+            addr
+            for _, addr in self.membership.alive_addrs()
+            if addr not in self.exchanger.incompatible
+        ]
+        self.rng.shuffle(addrs)
+        return addrs
+
+    async def _gossip_loop(self) -> None:
+        assert self._kick is not None
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            await self.gossip_round()
+
+    async def gossip_round(self) -> bool:
+        """Average with one random live neighbour; a busy one is skipped for the next."""
+        for addr in self.neighbours()[: self.cfg.gossip.max_attempts]:
+            out = await self.exchanger.exchange(addr)
+            if out.ok:
+                self.exchange_seconds += out.seconds
+                return True
+            if not out.busy:
+                log.debug("exchange with %s failed: %s", addr, out.reason)
+            # Busy peers decline at once; a short random pause breaks lockstep retries.
+            await asyncio.sleep(self.rng.uniform(0.0, 0.01))
+        return False
+
+    # -- the end -----------------------------------------------------------------------------
+    async def _finish(self) -> dict[str, Any]:
+        t = self.trainer
+        acc = await asyncio.to_thread(t.test_accuracy)
+        run_dir = Path(self.cfg.run_dir)
+        final = run_dir / "final.pt"
+        state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        await asyncio.to_thread(save_atomic, state, final)
+        self.status = "finished"
+        result = {
+            "name": self.node.name,
+            "addr": self.node.addr,
+            "status": "finished",
+            "test_accuracy": acc,
+            "steps": t.step,
+            "samples": t.samples,
+            "exchanges": self.exchanger.exchanges,
+            "rejected_updates": self.exchanger.rejected,
+            "bytes_sent": self.transport.stats.sent,
+            "bytes_received": self.transport.stats.received,
+            "wall_seconds": round(time.monotonic() - self.t0, 3),
+            "exchange_seconds": round(self.exchange_seconds, 3),
+            "step_seconds": t.step_seconds,
+            "final_model": str(final),
+            "schema": t.weights.schema,
+        }
+        self.emit("finished", **result)
+        return result
+
+    async def _linger(self) -> None:
+        if self.cfg.linger_seconds > 0:
+            self.exchanger.ready = True
+            await asyncio.sleep(self.cfg.linger_seconds)
+
+    # -- status ------------------------------------------------------------------------------
+    def status_dict(self) -> dict[str, Any]:
+        members = []
+        if self.membership is not None:
+            for m in self.membership.swim.members():
+                members.append(
+                    {
+                        "name": m.name,
+                        "addr": m.addr,
+                        "state": m.state.name.lower(),
+                        "incarnation": m.incarnation,
+                    }
+                )
+        t = self.trainer
+        return {
+            "name": self.node.name,
+            "addr": self.node.addr,
+            "status": self.status,
+            "step": t.step,
+            "total_steps": t.total_steps,
+            "loss": t.loss,
+            "exchanges": self.exchanger.exchanges,
+            "members": members,
+        }
+
+    async def _on_status(self, conn: Connection, frame: Frame) -> None:
+        await conn.send(MsgType.STATUS, self.status_dict())
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.report(
+            {
+                "ts": time.time(),
+                "peer": self.node.name,
+                "kind": kind,
+                **fields,
+            }
+        )
+
+
+def flat_to_state_dict(model: torch.nn.Module, vector: np.ndarray) -> dict[str, torch.Tensor]:
+    out, pos = {}, 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        out[name] = torch.from_numpy(vector[pos : pos + n].copy()).view_as(p)
+        pos += n
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,6 +86,7 @@ class Exchanger:
         self.rejected = 0
         self.incompatible: dict[str, str] = {}  # addr -> why we stopped trying it
         self._busy = False
+        self.step_fn: Callable[[], int] = lambda: 0  # our training progress, sent with pulls
         node.handlers[MsgType.EXCH_OFFER] = self._on_offer
         node.handlers[MsgType.PULL_REQ] = self._on_pull
 
@@ -157,8 +159,8 @@ class Exchanger:
                 MsgType.EXCH_DECLINE,
                 {
                     "incompatible": True,
-                    "reason": f"model schema {h.get('schema')!r} ({h.get('nbytes')} bytes) does not "
-                    f"match ours {self.store.schema!r} ({self.store.nbytes} bytes): "
+                    "reason": f"model schema {h.get('schema')!r} ({h.get('nbytes')} bytes) "
+                    f"does not match ours {self.store.schema!r} ({self.store.nbytes} bytes): "
                     "run every peer with the same --model and data set",
                 },
             )
@@ -199,10 +201,12 @@ class Exchanger:
             return
         snap = await self.store.snapshot()
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
-            await conn.send(MsgType.PULL_REPLY, {"name": self.node.name}, [snap])
+            await conn.send(
+                MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [snap]
+            )
 
-    async def pull(self, addr: str) -> np.ndarray:
-        """Fetch ``addr``'s current weights (for a new or restarted peer)."""
+    async def pull(self, addr: str) -> tuple[np.ndarray, int]:
+        """Fetch ``addr``'s current weights and step (for a new or restarted peer)."""
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             conn = await self.node.open(addr)
             try:
@@ -215,4 +219,5 @@ class Exchanger:
         remote = np.frombuffer(reply.payload, dtype=np.float32)
         if not np.isfinite(remote).all():
             raise UpdateRejected(f"{addr} sent non-finite weights")
-        return remote
+        step = reply.header.get("step")
+        return remote, step if isinstance(step, int) else 0

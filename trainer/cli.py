@@ -59,6 +59,27 @@ def add_net_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser, *dir_flag: str) -> None:
+    g = p.add_argument_group("checkpoints")
+    for flag in dir_flag:
+        g.add_argument(flag, help="folder for checkpoints; resumes from its newest good one")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="checkpoint every this many steps (default 500)",
+    )
+    g.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="... or every this many seconds, whichever comes first (default 30)",
+    )
+    g.add_argument(
+        "--checkpoint-keep", type=int, metavar="K", help="checkpoint files kept (default 3)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gossip-train",
@@ -89,8 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help="stop the run after this many seconds (default 3600)",
     )
+    p.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="each peer checkpoints into RUN_DIR/peer-<i>/checkpoints",
+    )
+    p.add_argument(
+        "--restart-failed",
+        action="store_true",
+        help="restart a crashed peer from its checkpoint (implies --checkpoints)",
+    )
+    p.add_argument(
+        "--restart-delay", type=float, default=1.0, help="seconds before a restart (default 1)"
+    )
     add_train_args(p)
     add_net_args(p)
+    add_checkpoint_args(p)
 
     p = sub.add_parser("peer", help="run one peer (one per machine, or by hand)")
     p.add_argument("--config", help="TOML file with peer settings (flags override it)")
@@ -111,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_args(p)
     add_net_args(p)
+    add_checkpoint_args(p, "--checkpoint-dir")
 
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")
@@ -163,6 +199,16 @@ def peer_config(args: argparse.Namespace) -> Any:
     if getattr(args, "join", None):
         top["join"] = tuple(a.strip() for a in args.join.split(",") if a.strip())
     train = dataclasses.replace(cfg.train, **train_overrides(args))
+    ckpt: dict[str, Any] = {}
+    for flag, key in (
+        ("checkpoint_dir", "directory"),
+        ("checkpoint_every", "every_steps"),
+        ("checkpoint_seconds", "every_seconds"),
+        ("checkpoint_keep", "keep"),
+    ):
+        if getattr(args, flag, None) is not None:
+            ckpt[key] = getattr(args, flag)
+    top["checkpoint"] = dataclasses.replace(cfg.checkpoint, **ckpt)
     gossip = cfg.gossip
     if getattr(args, "period", None) is not None:
         gossip = dataclasses.replace(gossip, period_steps=args.period)

@@ -36,6 +36,7 @@ class Child:
     result: dict[str, Any] | None = None
     status: str = "starting"
     started: float = 0.0
+    restarts: int = 0
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -76,6 +77,12 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
     ]
     if seeds:
         argv += ["--join", ",".join(seeds)]
+    if args.checkpoints or args.restart_failed:
+        argv += ["--checkpoint-dir", str(child.run_dir / "checkpoints")]
+    for flag in ("checkpoint_every", "checkpoint_seconds", "checkpoint_keep"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
     for flag in (
         "dataset",
         "data_dir",
@@ -112,6 +119,7 @@ class LocalRun:
         self.events: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.tty = sys.stderr.isatty() and not args.no_progress
+        self.stopping = False
         self._drawn = 0
 
     def event(self, child: Child, ev: dict[str, Any]) -> None:
@@ -164,23 +172,35 @@ class LocalRun:
         )
 
     async def _wait(self, child: Child) -> None:
-        assert child.proc is not None
-        reader = asyncio.create_task(self._read(child))
-        rc = await child.proc.wait()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2.0):
-                await reader
-        child.status = "finished" if rc == 0 and child.result else "failed"
-        if child.status == "failed":
-            self.events.append(
-                {
-                    "t": round(time.time() - self.t0, 3),
-                    "peer": child.name,
-                    "kind": "exited",
-                    "returncode": rc,
-                    "error": last_error_line(child.run_dir / "log.txt"),
-                }
+        """Wait for the child to end; with --restart-failed, restart it while it crashes."""
+        while True:
+            assert child.proc is not None
+            reader = asyncio.create_task(self._read(child))
+            rc = await child.proc.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await reader
+            child.status = "finished" if rc == 0 and child.result else "failed"
+            if child.status == "finished":
+                return
+            self.note(
+                child, "exited", returncode=rc, error=last_error_line(child.run_dir / "log.txt")
             )
+            # Exit status 2 is a user error (bad flags, data): restarting cannot fix it.
+            if not self.args.restart_failed or rc == 2 or self.stopping:
+                return
+            child.restarts += 1
+            await asyncio.sleep(self.args.restart_delay)
+            if self.stopping:
+                return
+            await self._start(child, [c.addr for c in self.children if c is not child])
+            self.note(child, "restarted", restarts=child.restarts)
+
+    def note(self, child: Child | None, kind: str, **fields: Any) -> None:
+        ev = {"t": round(time.time() - self.t0, 3), "kind": kind, **fields}
+        if child is not None:
+            ev["peer"] = child.name
+        self.events.append(ev)
 
     async def run(self) -> None:
         seeds = [self.children[0].addr]
@@ -198,6 +218,7 @@ class LocalRun:
             self._draw(final=True)
 
     async def stop_all(self) -> None:
+        self.stopping = True
         live = [c for c in self.children if c.proc and c.proc.returncode is None]
         for c in live:
             with contextlib.suppress(ProcessLookupError):

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .checkpoint import (
+    BackgroundCheckpointer,
+    CheckpointStore,
+    build_checkpoint,
+    capture_rng,
+    restore_rng,
+    restore_training_state,
+    snapshot_model_optimizer,
+    validate_compatible,
+)
+from .config import CheckpointConfig, TrainConfig
 from .data import BatchIterator, Dataset, load_dataset
 from .models import build_model, evaluate
 from .partition import partition
@@ -38,6 +48,7 @@ class Trainer:
         self, cfg: TrainConfig, peer_index: int, num_peers: int, dataset: Dataset | None = None
     ) -> None:
         self.cfg = cfg
+        self.peer_index = peer_index
         self.data = dataset or load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None
         )
@@ -65,6 +76,87 @@ class Trainer:
         self.step_seconds = 0.0  # exponential moving average of one step's time
         # A straggler knob for experiments: sleep this fraction of each step's compute time.
         self.slowdown = 0.0
+        self.checkpointer: BackgroundCheckpointer | None = None
+        self.ckpt_cfg = CheckpointConfig()
+        self.ckpt_meta: dict = {}  # peers and incarnation, refreshed by the peer
+        self._last_ckpt = (0, time.monotonic())
+        self.resumed_from: str | None = None
+        self.checkpoint_stall = 0.0  # longest time a checkpoint snapshot held the step lock
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a checkpoint must agree on to be resumed by this trainer."""
+        c = self.cfg
+        return {
+            "model": c.model,
+            "dataset": c.dataset,
+            "partition": c.partition,
+            "seed": c.seed,
+            "peer_index": self.peer_index,
+            "batch_size": c.batch_size,
+            "lr": c.lr,
+            "epochs": c.epochs,
+            "data_dir": c.data_dir,
+        }
+
+    def enable_checkpoints(self, cfg: CheckpointConfig) -> dict | None:
+        """Open the checkpoint folder, resume from its newest good file; return that file."""
+        assert cfg.directory is not None
+        store = CheckpointStore(Path(cfg.directory), keep=cfg.keep)
+        found = store.latest()
+        if found is not None:
+            ckpt, path = found
+            validate_compatible(
+                ckpt["config"],
+                self.identity(),
+                keys=("model", "dataset", "partition", "seed", "peer_index"),
+                source=f"checkpoint {path}",
+            )
+            restore_training_state(ckpt, self.model, self.optimizer, source=f"checkpoint {path}")
+            self.batches.load_state_dict(ckpt["data"])
+            restore_rng(ckpt["rng"])
+            self.step = ckpt["step"]
+            self.samples = int(ckpt["config"].get("samples", 0))
+            self.resumed_from = str(path)
+            log.info("resumed from %s at step %d", path, self.step)
+        self.ckpt_cfg = cfg
+        self.checkpointer = BackgroundCheckpointer(store)
+        self._last_ckpt = (self.step, time.monotonic())
+        return found[0] if found else None
+
+    def _checkpoint_due(self) -> bool:
+        cfg, (last_step, last_t) = self.ckpt_cfg, self._last_ckpt
+        by_steps = cfg.every_steps > 0 and self.step - last_step >= cfg.every_steps
+        by_time = cfg.every_seconds > 0 and time.monotonic() - last_t >= cfg.every_seconds
+        return by_steps or by_time
+
+    def checkpoint_now(self) -> None:
+        """Copy the state under the step lock; a background thread serializes and writes."""
+        if self.checkpointer is None:
+            return
+        t0 = time.perf_counter()
+        with self.weights.lock:
+            model, optim = snapshot_model_optimizer(self.model, self.optimizer)
+            data = self.batches.state_dict()
+        self.checkpoint_stall = max(self.checkpoint_stall, time.perf_counter() - t0)
+        meta = self.ckpt_meta
+        self.checkpointer.submit(
+            build_checkpoint(
+                model=model,
+                optimizer=optim,
+                step=self.step,
+                data=data,
+                rng=capture_rng(),
+                config={**self.identity(), "samples": self.samples},
+                peers=meta.get("peers", ()),
+                incarnation=int(meta.get("incarnation", 0)),
+            )
+        )
+        self._last_ckpt = (self.step, time.monotonic())
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close(timeout=10.0)
 
     @property
     def shard_size(self) -> int:
@@ -86,9 +178,11 @@ class Trainer:
             self.step_seconds = dt if self.step == 0 else 0.98 * self.step_seconds + 0.02 * dt
             self.step += 1
             self.samples += len(y)
-            self.loss = float(loss)
+            self.loss = loss.item()
             if self.slowdown > 0:
                 time.sleep(dt * self.slowdown)
+            if self.checkpointer is not None and self._checkpoint_due():
+                self.checkpoint_now()
             # ---- gossip enters here: between steps, the peer may snapshot or mix weights ----
             on_step(StepInfo(self.step, self.loss, self.step / self.batches.batches_per_epoch))
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from p2p.membership import JoinError, Membership
-from p2p.swim import Swim, SwimConfig
 
 from gossip.exchange import Exchanger
 from p2p.framing import Frame, MsgType
 from p2p.node import Node, NodeConfig
+from p2p.swim import Swim, SwimConfig
 from p2p.transport import Connection, Transport, TransportError, parse_addr
 
 from .checkpoint import save_atomic
@@ -89,12 +89,14 @@ class Peer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
+        self._open_checkpoints()
         await self._start_node()
         assert self.membership is not None
         try:
             async with asyncio.TaskGroup() as tg:
                 member_task = tg.create_task(self.membership.run())
                 await self._join()
+                await self._catch_up()
                 gossip_task = tg.create_task(self._gossip_loop())
                 await self._train()
                 result = await self._finish()
@@ -103,8 +105,57 @@ class Peer:
                 await self.membership.leave(timeout=2.0)
                 member_task.cancel()
         finally:
+            self.stop.set()
+            await asyncio.to_thread(self.trainer.close)
             await self.node.close()
         return result
+
+    def _open_checkpoints(self) -> None:
+        cfg = self.cfg.checkpoint
+        if cfg.directory is None:
+            return
+        ckpt = self.trainer.enable_checkpoints(cfg)
+        if ckpt is not None:
+            # A restarted peer must outrank what others remember of its previous life.
+            self.incarnation = max(self.incarnation, int(ckpt["incarnation"]) + 1)
+            self.emit(
+                "resumed",
+                step=self.trainer.step,
+                checkpoint=self.trainer.resumed_from,
+                incarnation=self.incarnation,
+            )
+        self.trainer.ckpt_meta = {"incarnation": self.incarnation, "peers": list(self.cfg.join)}
+
+    async def _catch_up(self) -> None:
+        """Take a live neighbour's current weights before contributing our own.
+
+        A restarted peer's checkpoint is stale and a newcomer's init is random; either would
+        drag the swarm back if mixed in. A neighbour still at step 0 has our own init (same
+        seed), so a fresh swarm starts without a pull.
+        """
+        if not self.cfg.join and self.trainer.resumed_from is None:
+            return
+        self.exchanger.ready = False
+        t0 = time.monotonic()
+        try:
+            for addr in self.neighbours()[:3]:
+                try:
+                    remote, step = await self.exchanger.pull(addr)
+                except (TransportError, OSError, TimeoutError, ValueError) as exc:
+                    log.info("catch-up from %s failed: %s", addr, exc)
+                    continue
+                if step == 0 and self.trainer.resumed_from is None:
+                    return
+                await asyncio.to_thread(self.trainer.weights.load, remote)
+                self.emit(
+                    "caught_up",
+                    source=addr,
+                    remote_step=step,
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+                return
+        finally:
+            self.exchanger.ready = True
 
     async def _start_node(self) -> None:
         host, port = parse_addr(self.cfg.listen)
@@ -127,6 +178,7 @@ class Peer:
         self.membership.on_event = self._on_member_event
         self.node.handlers[MsgType.SWIM] = self._on_swim
         self.node.handlers[MsgType.STATUS_REQ] = self._on_status
+        self.exchanger.step_fn = lambda: self.trainer.step
         self._kick = asyncio.Event()
         self.emit("listening", addr=self.node.addr, name=self.node.name)
         log.info("peer %s listening on %s", self.node.name, self.node.addr)

@@ -572,6 +572,12 @@ class BackgroundCheckpointer:
         with self._cond:
             return self._last_error
 
+    @property
+    def in_flight(self) -> bool:
+        """True while a checkpoint is being written or waits to be."""
+        with self._cond:
+            return self._busy or self._pending is not None
+
     def submit(self, state: Mapping[str, Any]) -> None:
         """Queue ``state`` (tensors already copied) for writing; never blocks on disk."""
         check_state(state)

@@ -1,0 +1,81 @@
+"""Phase timers for one side of an exchange, attached from outside the code under test.
+
+``instrument(exchanger)`` wraps the store's snapshot and mix, the update check, the own-weights
+check, the connect + handshake and the decoder's payload allocation with wall-clock timers
+(in this process only; the measured modules are not edited). What is left of an exchange's
+time after these phases is the transfer itself: socket I/O, framing and the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import gossip.exchange as gx
+import p2p.framing as framing
+from gossip.exchange import Exchanger
+
+
+class PhaseClock:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self._current: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, seconds: float) -> None:
+        self._current[name] += seconds
+
+    def end_round(self, total: float) -> None:
+        """Close one exchange: phases summed within it, the remainder called 'transfer'."""
+        known = sum(self._current.values())
+        self._current["transfer (I/O, framing, loop, waiting)"] = max(0.0, total - known)
+        self._current["total"] = total
+        for name, seconds in self._current.items():
+            self.samples[name].append(seconds)
+        self._current.clear()
+
+    def discard_round(self) -> None:
+        self._current.clear()
+
+    def medians_ms(self) -> dict[str, float]:
+        return {k: 1e3 * statistics.median(v) for k, v in self.samples.items()}
+
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - t0)
+
+        return wrapper
+
+    def timed_async(self, name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - t0)
+
+        return wrapper
+
+
+def instrument(exchanger: Exchanger, clock: PhaseClock) -> None:
+    """Wrap the phases of ``exchanger``'s exchanges (both roles) with ``clock``'s timers."""
+    store: Any = exchanger.store
+    store.snapshot = clock.timed_async("snapshot (copy)", store.snapshot)
+    store.mix = clock.timed_async("mix", store.mix)
+    exchanger._check_own = clock.timed("own isfinite", exchanger._check_own)  # type: ignore[method-assign]
+    exchanger.node.open = clock.timed_async("connect + handshake", exchanger.node.open)  # type: ignore[method-assign]
+    # The update check runs in a worker thread; it is looked up in the module at call time.
+    gx.check_update = clock.timed("check_update", gx.check_update)
+    # The payload buffer is allocated (and zeroed) when the frame header is decoded.
+    framing.Decoder._header_done = clock.timed(  # type: ignore[method-assign]
+        "payload alloc", framing.Decoder._header_done
+    )

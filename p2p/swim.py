@@ -657,7 +657,7 @@ class Swim:
         reply = _bool(msg.get("reply", False), "reply")
         join = _bool(msg.get("join", False), "join")
         entries = [_parse_entry(e) for e in raw]
-        self._merge(entries, sender, now)
+        self._merge(entries, now)
         if reply:
             if not self._joined:
                 log.info("%s: joined through %s at %s", self.name, sender, addr)
@@ -679,16 +679,17 @@ class Swim:
         "push_pull": _h_push_pull,
     }
 
-    def _merge(self, entries: list[tuple[str, str, int, State]], sender: str, now: float) -> None:
+    def _merge(self, entries: list[tuple[str, str, int, State]], now: float) -> None:
         for name, addr, inc, state in entries:
             if state == State.ALIVE:
                 self._on_alive(name, addr, inc, now)
             elif state == State.LEFT:
                 self._on_dead(name, inc, name, True, now)
-            else:
+            elif self.state_of(name) != State.SUSPECT:
                 # Like memberlist: a remote "dead" only makes us suspect, so that a live
-                # member we disagree about gets its chance to refute.
-                self._on_suspect(name, inc, sender, now)
+                # member we disagree about gets its chance to refute. Unlike memberlist, a
+                # full state never confirms a suspicion: it says nothing about who checked.
+                self._on_suspect(name, inc, self.name, now)
 
     # -- state transitions --------------------------------------------------------------
 

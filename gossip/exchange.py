@@ -48,15 +48,21 @@ class WeightStore(Protocol):
         ...
 
 
+class IncompatiblePeer(Exception):
+    """The other peer trains a different model; averaging with it is impossible."""
+
+
 @dataclass(frozen=True)
 class GossipConfig:
     # Start an exchange after this many local steps. Lower mixes faster but spends more CPU
     # on copies and network; 50 steps of the seed MLP is ~0.1 s of compute.
-    period_steps: int = 50
+    period_steps: int = 20
     # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
     deadline_base: float = 2.0
     deadline_min_rate: float = 20e6
+    # After training, a peer keeps averaging every this many seconds while it lingers.
+    linger_interval: float = 0.05
     # Neighbours tried per round before giving up until the next period.
     max_attempts: int = 3
     guard: UpdateGuard = field(default_factory=UpdateGuard)
@@ -197,7 +203,11 @@ class Exchanger:
     async def _on_pull(self, conn: Connection, frame: Frame) -> None:
         """Send our current weights to a peer that is catching up (it does not send its own)."""
         if frame.header.get("schema") != self.store.schema:
-            await conn.send(MsgType.ERROR, {"reason": "model schema differs"})
+            reason = (
+                f"model schema {frame.header.get('schema')!r} does not match ours "
+                f"{self.store.schema!r}: run every peer with the same --model and data set"
+            )
+            await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
         snap = await self.store.snapshot()
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
@@ -214,6 +224,8 @@ class Exchanger:
                 reply = await conn.recv()
             finally:
                 conn.close()
+        if reply.type == MsgType.ERROR and reply.header.get("incompatible"):
+            raise IncompatiblePeer(f"{addr} refused us: {reply.header.get('reason', '?')}")
         if reply.type != MsgType.PULL_REPLY or reply.payload.nbytes != self.store.nbytes:
             raise TransportError(f"{addr}: bad pull reply: {reply.header.get('reason', '?')}")
         remote = np.frombuffer(reply.payload, dtype=np.float32)

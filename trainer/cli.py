@@ -46,7 +46,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=int, help="torch threads per peer (default max(1, cores // local peers))"
     )
-    g.add_argument("--period", type=int, help="local steps between exchanges (default 50)")
+    g.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
 
 
 def add_net_args(p: argparse.ArgumentParser) -> None:

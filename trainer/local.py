@@ -180,9 +180,10 @@ class LocalRun:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await reader
-            child.status = "finished" if rc == 0 and child.result else "failed"
-            if child.status == "finished":
+            if rc == 0 and child.result:
+                child.status = str(child.result.get("status", "finished"))
                 return
+            child.status = "failed"
             self.note(
                 child, "exited", returncode=rc, error=last_error_line(child.run_dir / "log.txt")
             )

@@ -7,9 +7,11 @@ each run it, so there is a single code path for one machine and for many.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
+import signal
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from p2p.membership import JoinError, Membership
 
-from gossip.exchange import Exchanger
+from gossip.exchange import Exchanger, IncompatiblePeer
 from p2p.framing import Frame, MsgType
 from p2p.node import Node, NodeConfig
 from p2p.swim import Swim, SwimConfig
@@ -86,29 +88,51 @@ class Peer:
         self._kick: asyncio.Event | None = None
         self._last_progress = 0.0
         self._last_exchange_step = 0
+        self.stopped_by_signal = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
+        """The whole life of a peer. SIGTERM/SIGINT stop training early but still finish
+        cleanly: final weights saved, a last checkpoint written, a graceful leave."""
         self._open_checkpoints()
         await self._start_node()
         assert self.membership is not None
+        self._install_signals()
         try:
             async with asyncio.TaskGroup() as tg:
                 member_task = tg.create_task(self.membership.run())
+                await asyncio.sleep(0)  # let the driver start before join() needs it
                 await self._join()
                 await self._catch_up()
                 gossip_task = tg.create_task(self._gossip_loop())
                 await self._train()
-                result = await self._finish()
-                gossip_task.cancel()
                 await self._linger()
+                gossip_task.cancel()
+                result = await self._finish()
                 await self.membership.leave(timeout=2.0)
                 member_task.cancel()
+        except BaseExceptionGroup as group:
+            raise first_leaf(group) from None
         finally:
             self.stop.set()
             await asyncio.to_thread(self.trainer.close)
             await self.node.close()
         return result
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests) or no signal support
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stop.is_set():
+            log.warning("%s: stopping after the current step", signal.Signals(sig).name)
+            self.stopped_by_signal = True
+            self.stop.set()
+            self.cfg = dataclasses.replace(self.cfg, linger_seconds=0.0)
 
     def _open_checkpoints(self) -> None:
         cfg = self.cfg.checkpoint
@@ -141,6 +165,8 @@ class Peer:
             for addr in self.neighbours()[:3]:
                 try:
                     remote, step = await self.exchanger.pull(addr)
+                except IncompatiblePeer as exc:
+                    raise PeerError(str(exc)) from None
                 except (TransportError, OSError, TimeoutError, ValueError) as exc:
                     log.info("catch-up from %s failed: %s", addr, exc)
                     continue
@@ -282,11 +308,13 @@ class Peer:
         final = run_dir / "final.pt"
         state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
         await asyncio.to_thread(save_atomic, state, final)
-        self.status = "finished"
+        if t.checkpointer is not None:
+            await asyncio.to_thread(t.checkpoint_now)  # the last state survives a restart
+        self.status = "stopped" if self.stopped_by_signal else "finished"
         result = {
             "name": self.node.name,
             "addr": self.node.addr,
-            "status": "finished",
+            "status": self.status,
             "test_accuracy": acc,
             "steps": t.step,
             "samples": t.samples,
@@ -304,9 +332,16 @@ class Peer:
         return result
 
     async def _linger(self) -> None:
-        if self.cfg.linger_seconds > 0:
-            self.exchanger.ready = True
-            await asyncio.sleep(self.cfg.linger_seconds)
+        """After training: keep averaging (no more steps) so peers still training have
+        partners and every finished peer moves toward the consensus before it is saved."""
+        if self.cfg.linger_seconds <= 0 or self.stopped_by_signal:
+            return
+        assert self._kick is not None
+        self.status = "averaging"
+        deadline = time.monotonic() + self.cfg.linger_seconds
+        while time.monotonic() < deadline and not self.stopped_by_signal:
+            self._kick.set()
+            await asyncio.sleep(self.cfg.gossip.linger_interval)
 
     # -- status ------------------------------------------------------------------------------
     def status_dict(self) -> dict[str, Any]:
@@ -345,6 +380,14 @@ class Peer:
                 **fields,
             }
         )
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first real exception in a (nested) group: what the user should see."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def flat_to_state_dict(model: torch.nn.Module, vector: np.ndarray) -> dict[str, torch.Tensor]:

@@ -1,0 +1,115 @@
+"""Real peer processes on 127.0.0.1 training on real data (the bundled MNIST subset)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli
+
+pytestmark = pytest.mark.real
+
+
+def test_local_peers_train_and_agree(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "local",
+            "--peers",
+            "3",
+            "--epochs",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--period",
+            "20",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    peers = summary["peers"]
+    assert [p["status"] for p in peers] == ["finished"] * 3
+    for p in peers:
+        # 4,000 images per peer, 2 epochs: alone a peer would see a third of the data;
+        # averaging gives each the benefit of all of it.
+        assert p["test_accuracy"] >= 0.90, p
+        assert p["exchanges"] > 0 and p["bytes_sent"] > 0 and p["bytes_received"] > 0
+        assert p["steps"] == 2 * 125  # ceil(4000 / 32) per epoch
+    assert summary["consensus_test_accuracy"] >= 0.90
+    assert (run_dir / "consensus.pt").is_file() and (run_dir / "consensus.json").is_file()
+    kinds = {e["kind"] for e in summary["events"]}
+    assert {"spawned", "listening", "started", "finished", "joined"} <= kinds
+    assert "consensus model: test accuracy" in proc.stdout
+    # The consensus model evaluates through the CLI to the same number.
+    ev = subprocess.run(
+        cli("eval", str(run_dir / "consensus.pt")),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ev.returncode == 0, ev.stderr
+    assert f"{summary['consensus_test_accuracy']:.4f}" in ev.stdout
+
+
+def test_a_peer_with_another_model_is_refused_clearly(tmp_path):
+    first = subprocess.Popen(
+        cli(
+            "peer",
+            "--listen",
+            "127.0.0.1:0",
+            "--epochs",
+            "50",
+            "--events",
+            "jsonl",
+            "--run-dir",
+            str(tmp_path / "a"),
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        addr = None
+        deadline = time.time() + 60
+        while addr is None and time.time() < deadline:
+            line = first.stdout.readline()
+            if not line:
+                break
+            ev = json.loads(line)
+            if ev["kind"] == "listening":
+                addr = ev["addr"]
+        assert addr, "first peer did not start"
+        second = subprocess.run(
+            cli(
+                "peer",
+                "--join",
+                addr,
+                "--model",
+                "cnn",
+                "--epochs",
+                "1",
+                "--run-dir",
+                str(tmp_path / "b"),
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr
+        assert "does not match ours" in second.stderr and "--model" in second.stderr
+        assert first.poll() is None, "the first peer must survive"
+    finally:
+        first.kill()
+        first.wait()
+    assert sys.executable

@@ -55,7 +55,7 @@ class IncompatiblePeer(Exception):
 @dataclass(frozen=True)
 class GossipConfig:
     # Start an exchange after this many local steps. Lower mixes faster but spends more CPU
-    # on copies and network; 50 steps of the seed MLP is ~0.1 s of compute.
+    # on copies and network; 20 steps of the seed MLP are ~20 ms of compute.
     period_steps: int = 20
     # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from p2p.membership import JoinError, Membership
 
 from gossip.exchange import Exchanger, IncompatiblePeer
 from p2p.framing import Frame, MsgType
+from p2p.membership import JoinError, Membership
 from p2p.node import Node, NodeConfig
 from p2p.swim import Swim, SwimConfig
 from p2p.transport import Connection, Transport, TransportError, parse_addr

@@ -45,6 +45,8 @@ class MsgType(enum.IntEnum):
     STATUS = 10
     PULL_REQ = 11
     PULL_REPLY = 12
+    CONTROL = 13
+    CONTROL_OK = 14
 
 
 class FrameError(Exception):

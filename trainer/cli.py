@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="folder for this peer's results (default runs/peer)")
     p.add_argument("--linger", type=float, help="seconds to keep answering exchanges at the end")
     p.add_argument(
+        "--allow-control",
+        action="store_true",
+        help="accept fault-injection commands (slowdown) from `gossip-train chaos`",
+    )
+    p.add_argument(
         "--events",
         choices=("none", "jsonl"),
         default="none",
@@ -194,6 +199,8 @@ def peer_config(args: argparse.Namespace) -> Any:
     ):
         if getattr(args, key, None) is not None:
             top[key] = getattr(args, key)
+    if getattr(args, "allow_control", False):
+        top["allow_control"] = True
     if getattr(args, "linger", None) is not None:
         top["linger_seconds"] = args.linger
     if getattr(args, "join", None):

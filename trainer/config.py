@@ -68,6 +68,9 @@ class PeerConfig:
     profile: str = "local"
     # After training, keep answering exchanges this long so slower peers still have partners.
     linger_seconds: float = 0.0
+    # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
+    # anyone who can reach the port could otherwise slow this peer down.
+    allow_control: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -204,6 +204,8 @@ class Peer:
         self.membership.on_event = self._on_member_event
         self.node.handlers[MsgType.SWIM] = self._on_swim
         self.node.handlers[MsgType.STATUS_REQ] = self._on_status
+        if self.cfg.allow_control:
+            self.node.handlers[MsgType.CONTROL] = self._on_control
         self.exchanger.step_fn = lambda: self.trainer.step
         self._kick = asyncio.Event()
         self.emit("listening", addr=self.node.addr, name=self.node.name)
@@ -367,6 +369,17 @@ class Peer:
             "exchanges": self.exchanger.exchanges,
             "members": members,
         }
+
+    async def _on_control(self, conn: Connection, frame: Frame) -> None:
+        """Fault injection: {"op": "slowdown", "factor": F} makes each step take F times as
+        long (F=4: a straggler at a quarter of its speed); F=1 restores full speed."""
+        op, factor = frame.header.get("op"), frame.header.get("factor")
+        if op != "slowdown" or not isinstance(factor, (int, float)) or not 1 <= factor <= 1000:
+            await conn.send(MsgType.ERROR, {"reason": f"bad control command {frame.header!r}"})
+            return
+        self.trainer.slowdown = float(factor) - 1.0
+        self.emit("slowdown", factor=float(factor))
+        await conn.send(MsgType.CONTROL_OK, {"op": op, "factor": factor})
 
     async def _on_status(self, conn: Connection, frame: Frame) -> None:
         await conn.send(MsgType.STATUS, self.status_dict())

@@ -102,7 +102,7 @@ def isolated_costs(size: int) -> dict[str, float]:
     return {
         "bytearray(n) (decoder payload alloc)": _median_ms(lambda: bytearray(local.nbytes)),
         "fill a reused buffer (memcpy)": _median_ms(
-            lambda: memoryview(reused).__setitem__(slice(None), memoryview(remote).cast("B"))
+            lambda: memoryview(reused).__setitem__(slice(None), remote.data.cast("B"))
         ),
         "snapshot: weights.copy()": _median_ms(local.copy),
         "snapshot into a reused buffer": _median_ms(lambda: np.copyto(scratch, local)),

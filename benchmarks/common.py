@@ -126,7 +126,7 @@ class Helper:
                     return line.split(maxsplit=1)[1].strip()
             elif self.proc.poll() is not None:
                 break
-        raise RuntimeError(f"helper {self.proc.args} did not start (exit {self.proc.poll()})")
+        raise RuntimeError(f"helper {self.proc.args!r} did not start (exit {self.proc.poll()})")
 
     def stop(self, timeout: float = 10.0) -> str:
         """Close its stdin (the helper exits on EOF), then escalate to kill; return its output."""

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ def _interleaved(size: int, cfg: BenchConfig) -> dict[str, list[float]]:
     return times
 
 
-def _method_result(name: str, seconds: list[float], moved: int) -> dict[str, Any]:
+def method_result(seconds: list[float], moved: int) -> dict[str, Any]:
     s = summarize(seconds)
     return {
         **s.as_dict(),
@@ -218,7 +218,7 @@ def bench_size(size: int, cfg: BenchConfig) -> dict[str, Any]:
     if cfg.gloo:
         times["gloo_allreduce"] = gloo_allreduce(size, cfg.reps, cfg.warmup)
     moved = {"raw_one_way": nbytes}
-    methods = {k: _method_result(k, v, moved.get(k, 2 * nbytes)) for k, v in times.items()}
+    methods = {k: method_result(v, moved.get(k, 2 * nbytes)) for k, v in times.items()}
     ceiling = methods["raw_one_way"]
     ratios = {
         f"{k}_vs_ceiling_median": v["mb_s_median"] / ceiling["mb_s_median"]
@@ -278,11 +278,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     cfg = QUICK if args.quick else BenchConfig()
     if args.sizes:
-        cfg = BenchConfig(tuple(int(s) for s in args.sizes.split(",")), cfg.reps, cfg.warmup)
+        cfg = replace(cfg, sizes=tuple(int(s) for s in args.sizes.split(",")))
     if args.reps:
-        cfg = BenchConfig(cfg.sizes, args.reps, cfg.warmup, cfg.gloo)
+        cfg = replace(cfg, reps=args.reps)
     if args.no_gloo:
-        cfg = BenchConfig(cfg.sizes, cfg.reps, cfg.warmup, gloo=False)
+        cfg = replace(cfg, gloo=False)
     machine = machine_info()
     results = [bench_size(size, cfg) for size in cfg.sizes]
     out = {

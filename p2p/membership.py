@@ -61,6 +61,8 @@ class Membership:
         self._joined = asyncio.Event()
         self._left = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
+        self._outbox: list[Out] = []  # sent by run() once it starts
+        self._started = False
         self._stop = False
         self._lag = 0.0
         self._lag_at = clock()
@@ -86,11 +88,14 @@ class Membership:
 
     async def run(self) -> None:
         """Drive the state machine until leave() completes or the task is cancelled."""
-        if self._group is not None:
-            raise RuntimeError("Membership.run() is already running")
+        if self._started:
+            raise RuntimeError("Membership.run() runs once")
+        self._started = True
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                self._dispatch(self._outbox)
+                self._outbox = []
                 while not self._stop:
                     await self._sleep_until(self.swim.next_deadline())
                     self._step()
@@ -101,23 +106,23 @@ class Membership:
     async def join(self, seeds: list[str], timeout: float) -> None:
         """Join through any of ``seeds`` ("host:port"); the first answer wins.
 
-        Raises JoinError if none answers within ``timeout`` seconds. run() must be running.
+        Raises JoinError if none answers within ``timeout`` seconds. run() must be running
+        (or about to: a task created just before is fine).
         """
         if not seeds:
             raise ValueError("join() needs at least one seed address")
-        self._require_running()
         self._dispatch(self.swim.join(seeds, self._clock()))
         self._wake.set()
         try:
             async with asyncio.timeout(timeout):
                 await self._joined.wait()
         except TimeoutError:
+            self._require_running()
             listed = ", ".join(seeds)
             raise JoinError(f"no peer answered at {listed} within {timeout} s") from None
 
     async def leave(self, timeout: float) -> None:
         """Announce a graceful leave, wait up to ``timeout`` s for it to spread, stop run()."""
-        self._require_running()
         self._dispatch(self.swim.leave(self._clock()))
         self._wake.set()
         try:
@@ -194,6 +199,7 @@ class Membership:
     def _dispatch(self, outs: list[Out]) -> None:
         group = self._group
         if group is None:
+            self._outbox.extend(outs)
             return
         for addr, msg in outs:
             if self._inflight >= MAX_SENDS:
@@ -214,8 +220,8 @@ class Membership:
             self._inflight -= 1
 
     def _require_running(self) -> None:
-        if self._group is None:
-            raise RuntimeError("start Membership.run() in a task first")
+        if not self._started:
+            raise RuntimeError("Membership.run() was never started")
 
     def _warn_once(self, key: str, fmt: str, *args: Any) -> None:
         if key not in self._warned:

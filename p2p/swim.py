@@ -272,8 +272,11 @@ class _Suspicion:
     high: float
     confirmers: set[str] = field(default_factory=set)
     n: int = 0
+    last_call: float | None = None  # set when the timer ran out and a final ping went out
 
     def deadline(self) -> float:
+        if self.last_call is not None:
+            return self.last_call
         if self.k < 1:
             return self.start + self.low
         frac = math.log(self.n + 1) / math.log(self.k + 1)
@@ -521,7 +524,7 @@ class Swim:
     def tick(self, now: float) -> list[Out]:
         """Run whatever is due: timeouts, the next probe, gossip, push-pull."""
         outs: list[Out] = []
-        self._expire_suspicions(now)
+        self._expire_suspicions(now, outs)
         self._expire_relays(now, outs)
         self._maybe_indirect(now, outs)
         self._advance_probe(now)
@@ -607,7 +610,13 @@ class Swim:
             # Someone else used to live at our address; not answering lets them find out.
             raise _Reject("ping for another name", f"{target} from {sender}")
         self._apply(updates, now)
-        return [(addr, self._env("ack", seq=seq, updates=self._take(self.config.max_piggyback)))]
+        ups: list[Update] = []
+        if any(u[1] == self.name and u[0] in ("suspect", "dead") for u in updates):
+            # The buddy system told us the pinger suspects us: the answer leads with our
+            # (possibly just raised) incarnation, whatever else is queued.
+            ups.append(self._self_alive())
+        ups += self._take(self.config.max_piggyback - len(ups))
+        return [(addr, self._env("ack", seq=seq, updates=ups))]
 
     def _h_ack(self, msg: dict[str, Any], sender: str, addr: str, now: float) -> list[Out]:
         seq = _int(msg.get("seq"), "seq")
@@ -765,11 +774,11 @@ class Swim:
         self._refute(inc)
 
     def _on_suspect(self, name: str, inc: int, by: str, now: float) -> None:
+        if name == self.name:
+            self._accused(inc)
+            return
         m = self._members.get(name)
         if m is None or inc < m.incarnation or m.state in GONE:
-            return
-        if name == self.name:
-            self._refute(inc)
             return
         if m.state == State.SUSPECT:
             s = self._suspicions.get(name)
@@ -790,11 +799,11 @@ class Swim:
         return _Suspicion(now, k, low, high, {by})
 
     def _on_dead(self, name: str, inc: int, by: str, left: bool, now: float) -> None:
+        if name == self.name:
+            self._accused(inc)
+            return
         m = self._members.get(name)
         if m is None or inc < m.incarnation or m.state in GONE:
-            return
-        if name == self.name:
-            self._refute(inc)
             return
         m.incarnation = inc
         self._suspicions.pop(name, None)
@@ -807,6 +816,15 @@ class Swim:
         self._recent_dead[name] = now
         self._event("declared_dead", name, now, incarnation=inc, by=by)
         self._enqueue({"kind": "dead", "name": name, "inc": inc, "by": by})
+
+    def _accused(self, inc: int) -> None:
+        """Someone says we are suspect or dead at incarnation ``inc``."""
+        if inc >= self.incarnation:
+            self._refute(inc)
+        elif self.name not in self._queue and not self._leaving:
+            # An older accusation, already refuted, is still around: whoever holds it missed
+            # our refutation, and an ack alone does not clear a suspicion. Say it again.
+            self._enqueue(self._self_alive())
 
     def _refute(self, inc: int) -> None:
         """Someone thinks we are suspect, dead or elsewhere: outbid them with our incarnation."""
@@ -827,11 +845,20 @@ class Swim:
             self._live += 1 if is_live else -1
             self._live_cache = None
 
-    def _expire_suspicions(self, now: float) -> None:
+    def _expire_suspicions(self, now: float, outs: list[Out]) -> None:
         due = [n for n, s in self._suspicions.items() if now >= s.deadline()]
         for name in due:
-            s = self._suspicions.pop(name)
+            s = self._suspicions[name]
             m = self._members[name]
+            if s.last_call is None:
+                # A last call before the verdict: one ping that carries the suspicion. A live
+                # member whose refutation never reached us answers with its incarnation (the
+                # ack leads with it), which clears the suspicion. Costs one probe timeout.
+                s.last_call = now + self.config.probe_timeout * (self.health + 1)
+                self._seq += 1
+                outs.append((m.addr, self._ping(self._seq, m)))
+                continue
+            del self._suspicions[name]
             log.info(
                 "%s: %s declared dead after %.2f s of suspicion, %d confirmations",
                 self.name,

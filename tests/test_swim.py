@@ -214,9 +214,16 @@ def test_missed_ack_then_indirect_then_suspect_then_dead() -> None:
     low, high = LAN.suspicion_timeouts(4)
     suspected = start + LAN.probe_interval
     assert kinds(run(swims, "a", suspected + high - 0.01, {target}, suspected)) == []
-    events = run(swims, "a", suspected + high, drop={target}, now=suspected + high - 0.01)
+    # The timer ran out: a last call to the target, carrying the suspicion, then the verdict.
+    verdict = suspected + high + LAN.probe_timeout * (a.health + 1)
+    outs = a.tick(suspected + high)
+    (call,) = [m for dst, m in of_type(outs, "ping") if dst == addr(target)]
+    assert call["updates"][0] == {"kind": "suspect", "name": target, "inc": 0, "by": "a"}
+    deliver(swims, outs, suspected + high, drop={target})
+    assert kinds(run(swims, "a", verdict - 0.01, {target}, suspected + high)) == []
+    events = run(swims, "a", verdict, drop={target}, now=verdict - 0.01)
     assert kinds(events) == [("declared_dead", target)]
-    assert events[0]["by"] == "a" and events[0]["t"] == pytest.approx(suspected + high)
+    assert events[0]["by"] == "a" and events[0]["t"] == pytest.approx(verdict)
     assert a.state_of(target) == State.DEAD
     assert target not in a.live_names()
 
@@ -240,9 +247,12 @@ def test_confirmations_shrink_the_suspicion_timeout() -> None:
     one = t0 + high - (high - low) * math.log(2) / math.log(3)
     assert kinds(run(swims, "a", one - 0.01, drop={target}, now=t0 + 0.2)) == []
     confirm(others[1], one - 0.01)  # k = 2 reached: the minimum, already passed -> now
-    events = run(swims, "a", one - 0.01, drop={target}, now=one - 0.01)
+    verdict = one - 0.01 + LAN.probe_timeout * (a.health + 1)
+    outs = a.tick(one - 0.01)
+    assert [m["target"] for dst, m in of_type(outs, "ping") if dst == addr(target)] == [target]
+    events = run(swims, "a", verdict, drop={target}, now=one - 0.01)
     assert kinds(events) == [("declared_dead", target)]
-    assert events[0]["t"] == one - 0.01
+    assert events[0]["t"] == pytest.approx(verdict)
 
 
 def test_indirect_ack_is_relayed_and_saves_the_target() -> None:
@@ -318,6 +328,20 @@ def test_ping_to_a_suspect_carries_the_suspicion_first() -> None:
     assert first == {"kind": "suspect", "name": "b", "inc": 0, "by": "a"}
     (ack,) = swims["b"].on_message(wire(pings[0][1]), t)
     assert swims["b"].incarnation == 1  # b refuted at once
+
+
+def test_last_call_saves_a_member_whose_refutation_was_missed() -> None:
+    swims = cluster("ab")
+    a, b = swims["a"], swims["b"]
+    suspicion = env("c", "gossip", updates=[{"kind": "suspect", "name": "b", "inc": 0, "by": "c"}])
+    a.on_message(wire(suspicion), 0.0)
+    b.on_message(wire(suspicion), 0.0)  # b refutes, but the news never reaches a
+    assert b.incarnation == 1 and a.state_of("b") == State.SUSPECT
+    low, _ = LAN.suspicion_timeouts(2)  # two members: no confirmations wanted, the minimum
+    a.drain_events()
+    events = run(swims, "a", low + 5.0, drop=set())
+    assert kinds(events) == [("alive", "b")]
+    assert a.state_of("b") == State.ALIVE and a.alive()[0].incarnation == 1
 
 
 def test_ping_for_another_name_is_not_answered() -> None:

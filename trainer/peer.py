@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -89,11 +90,14 @@ class Peer:
         self._last_progress = 0.0
         self._last_exchange_step = 0
         self.stopped_by_signal = False
+        self._ckpt_peers: list[str] = []  # known peers saved in the checkpoint resumed from
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         """The whole life of a peer. SIGTERM/SIGINT stop training early but still finish
         cleanly: final weights saved, a last checkpoint written, a graceful leave."""
+        self._make_run_dir()
+        self._make_run_dir()
         self._open_checkpoints()
         await self._start_node()
         assert self.membership is not None
@@ -134,6 +138,22 @@ class Peer:
             self.stop.set()
             self.cfg = dataclasses.replace(self.cfg, linger_seconds=0.0)
 
+    def _make_run_dir(self) -> None:
+        # Fail before training, not after it, when final.pt could not be written.
+        try:
+            Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PeerError(f"run dir {self.cfg.run_dir}: {exc.strerror or exc}") from None
+
+    def _make_run_dir(self) -> None:
+        run_dir = Path(self.cfg.run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PeerError(f"run dir {run_dir}: cannot create ({exc.strerror or exc})") from None
+        if not os.access(run_dir, os.W_OK):
+            raise PeerError(f"run dir {run_dir}: not writable")
+
     def _open_checkpoints(self) -> None:
         cfg = self.cfg.checkpoint
         if cfg.directory is None:
@@ -142,6 +162,7 @@ class Peer:
         if ckpt is not None:
             # A restarted peer must outrank what others remember of its previous life.
             self.incarnation = max(self.incarnation, int(ckpt["incarnation"]) + 1)
+            self._ckpt_peers = [str(p) for p in ckpt["peers"]]
             self.emit(
                 "resumed",
                 step=self.trainer.step,
@@ -149,6 +170,17 @@ class Peer:
                 incarnation=self.incarnation,
             )
         self.trainer.ckpt_meta = {"incarnation": self.incarnation, "peers": list(self.cfg.join)}
+        # Written now, not in the background: a full or unwritable folder is an error before
+        # we join, and the raised incarnation is on disk should we die before the next one.
+        self.trainer.checkpoint_now(wait=True)
+
+    def _refresh_ckpt_meta(self) -> None:
+        """What the next checkpoint records: live peers to rejoin through, our incarnation
+        (refuting a suspicion raises it)."""
+        if self.membership is None or self.trainer.checkpointer is None:
+            return
+        peers = [addr for _, addr in self.membership.alive_addrs()] or list(self.cfg.join)
+        self.trainer.ckpt_meta = {"incarnation": self.membership.swim.incarnation, "peers": peers}
 
     async def _catch_up(self) -> None:
         """Take a live neighbour's current weights before contributing our own.
@@ -226,12 +258,21 @@ class Peer:
 
     async def _join(self) -> None:
         assert self.membership is not None
-        if not self.cfg.join:
+        if self.cfg.join:
+            try:
+                await self.membership.join(list(self.cfg.join), self.cfg.join_timeout)
+            except JoinError as exc:
+                raise PeerError(str(exc)) from None
+            return
+        # Restarted without --join (the first peer of a swarm, say): rejoin through the
+        # peers its checkpoint remembers; if none is left, go on as a new swarm.
+        seeds = [a for a in self._ckpt_peers if a != self.node.addr]
+        if not seeds:
             return
         try:
-            await self.membership.join(list(self.cfg.join), self.cfg.join_timeout)
+            await self.membership.join(seeds, self.cfg.join_timeout)
         except JoinError as exc:
-            raise PeerError(str(exc)) from None
+            log.warning("rejoin through the checkpoint's peers failed (%s); starting alone", exc)
 
     # -- training and gossip -------------------------------------------------------------------
     async def _train(self) -> None:
@@ -260,6 +301,7 @@ class Peer:
             self.stop.set()
 
     def _progress(self) -> None:
+        self._refresh_ckpt_meta()
         t = self.trainer
         self.emit(
             "progress",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 
 from .checkpoint import (
     BackgroundCheckpointer,
+    CheckpointError,
     CheckpointStore,
     build_checkpoint,
     capture_rng,
@@ -49,6 +51,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.peer_index = peer_index
+        self.num_peers = num_peers
         self.data = dataset or load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None
         )
@@ -93,6 +96,7 @@ class Trainer:
             "partition": c.partition,
             "seed": c.seed,
             "peer_index": self.peer_index,
+            "num_peers": self.num_peers,
             "batch_size": c.batch_size,
             "lr": c.lr,
             "epochs": c.epochs,
@@ -109,16 +113,20 @@ class Trainer:
             validate_compatible(
                 ckpt["config"],
                 self.identity(),
-                keys=("model", "dataset", "partition", "seed", "peer_index"),
+                keys=("model", "dataset", "partition", "seed", "peer_index", "num_peers"),
                 source=f"checkpoint {path}",
             )
             restore_training_state(ckpt, self.model, self.optimizer, source=f"checkpoint {path}")
-            self.batches.load_state_dict(ckpt["data"])
+            try:
+                self.batches.load_state_dict(ckpt["data"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint {path}: {exc}") from None
             restore_rng(ckpt["rng"])
             self.step = ckpt["step"]
             self.samples = int(ckpt["config"].get("samples", 0))
             self.resumed_from = str(path)
             log.info("resumed from %s at step %d", path, self.step)
+        set_aside_unreadable(store, found[1] if found else None)
         self.ckpt_cfg = cfg
         self.checkpointer = BackgroundCheckpointer(store)
         self._last_ckpt = (self.step, time.monotonic())
@@ -130,8 +138,12 @@ class Trainer:
         by_time = cfg.every_seconds > 0 and time.monotonic() - last_t >= cfg.every_seconds
         return by_steps or by_time
 
-    def checkpoint_now(self) -> None:
-        """Copy the state under the step lock; a background thread serializes and writes."""
+    def checkpoint_now(self, wait: bool = False) -> None:
+        """Copy the state under the step lock; a background thread serializes and writes.
+
+        With ``wait`` the write happens here and a failure raises CheckpointError: the peer
+        does that once at start, so a full or unwritable folder stops it before it joins.
+        """
         if self.checkpointer is None:
             return
         t0 = time.perf_counter()
@@ -140,18 +152,20 @@ class Trainer:
             data = self.batches.state_dict()
         self.checkpoint_stall = max(self.checkpoint_stall, time.perf_counter() - t0)
         meta = self.ckpt_meta
-        self.checkpointer.submit(
-            build_checkpoint(
-                model=model,
-                optimizer=optim,
-                step=self.step,
-                data=data,
-                rng=capture_rng(),
-                config={**self.identity(), "samples": self.samples},
-                peers=meta.get("peers", ()),
-                incarnation=int(meta.get("incarnation", 0)),
-            )
+        state = build_checkpoint(
+            model=model,
+            optimizer=optim,
+            step=self.step,
+            data=data,
+            rng=capture_rng(),
+            config={**self.identity(), "samples": self.samples},
+            peers=meta.get("peers", ()),
+            incarnation=int(meta.get("incarnation", 0)),
         )
+        if wait:
+            self.checkpointer.store.save(state)
+        else:
+            self.checkpointer.submit(state)
         self._last_ckpt = (self.step, time.monotonic())
 
     def close(self) -> None:
@@ -189,3 +203,22 @@ class Trainer:
     def test_accuracy(self) -> float:
         with self.weights.lock:
             return evaluate(self.model, self.data.x_test, self.data.y_test)
+
+
+def set_aside_unreadable(store: CheckpointStore, resumed: Path | None) -> None:
+    """Rename checkpoints newer than the one resumed from (they failed to load) to *.corrupt.
+
+    Left in place they would outrank every checkpoint written from now on, and keep-K
+    rotation would delete each new checkpoint as soon as it is written. Renamed, they stay
+    on disk for inspection and out of the rotation.
+    """
+    paths = store.list()
+    newer = paths[paths.index(resumed) + 1 :] if resumed in paths else paths
+    for path in newer:
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            reason = f"does not load, cannot rename it ({exc.strerror or exc})"
+            raise CheckpointError(f"checkpoint {path}: {reason}") from None
+        log.warning("checkpoint %s does not load; renamed to %s", path, aside.name)

@@ -91,12 +91,12 @@ class Peer:
         self._last_exchange_step = 0
         self.stopped_by_signal = False
         self._ckpt_peers: list[str] = []  # known peers saved in the checkpoint resumed from
+        self._ckpt_error: str | None = None  # last background checkpoint error reported
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         """The whole life of a peer. SIGTERM/SIGINT stop training early but still finish
         cleanly: final weights saved, a last checkpoint written, a graceful leave."""
-        self._make_run_dir()
         self._make_run_dir()
         self._open_checkpoints()
         await self._start_node()
@@ -137,13 +137,6 @@ class Peer:
             self.stopped_by_signal = True
             self.stop.set()
             self.cfg = dataclasses.replace(self.cfg, linger_seconds=0.0)
-
-    def _make_run_dir(self) -> None:
-        # Fail before training, not after it, when final.pt could not be written.
-        try:
-            Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PeerError(f"run dir {self.cfg.run_dir}: {exc.strerror or exc}") from None
 
     def _make_run_dir(self) -> None:
         run_dir = Path(self.cfg.run_dir)
@@ -300,8 +293,18 @@ class Peer:
         finally:
             self.stop.set()
 
+    def _report_checkpoint_error(self) -> None:
+        """One event per streak of failed background writes (disk filled up mid-run, say):
+        training goes on, but the user must learn that a crash would now lose more."""
+        writer = self.trainer.checkpointer
+        error = writer.last_error if writer is not None else None
+        if error is not None and str(error) != self._ckpt_error:
+            self.emit("checkpoint_failed", error=str(error), step=self.trainer.step)
+        self._ckpt_error = None if error is None else str(error)
+
     def _progress(self) -> None:
         self._refresh_ckpt_meta()
+        self._report_checkpoint_error()
         t = self.trainer
         self.emit(
             "progress",

@@ -7,7 +7,7 @@ Runs ``--reps`` exchanges of ``--size`` float32 between this process and
 2. the cost of each array operation of the exchange path on its own, in an idle process;
 3. with ``--cprofile``, the top functions by own time on both sides.
 
-    .venv/bin/python -O benchmarks/_profile_exchange.py --size 10000000 --cprofile
+    .venv/bin/python benchmarks/_profile_exchange.py --size 10000000 --cprofile
 """
 
 from __future__ import annotations

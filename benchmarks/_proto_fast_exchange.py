@@ -17,10 +17,10 @@ committed exchange, each one measured to cost the most in ``_profile_exchange.py
 6. (the ``proto_reuse`` rows only) the initiator keeps its connection to a peer between
    exchanges, so connect + handshake and a fresh socket's slow first window are paid once.
 
-Run (under -O, see benchmarks/README.md):
+Run:
 
-    .venv/bin/python -O benchmarks/_proto_fast_exchange.py            # compare, 1M and 10M
-    .venv/bin/python -O benchmarks/_proto_fast_exchange.py --serve --size N   # responder
+    .venv/bin/python benchmarks/_proto_fast_exchange.py            # compare, 1M and 10M
+    .venv/bin/python benchmarks/_proto_fast_exchange.py --serve --size N   # responder
 """
 
 from __future__ import annotations

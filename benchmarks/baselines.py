@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, DEFAULT_MNIST, emit, machine_info, markdown_table, python_cmd
+from common import (
+    BENCH_DIR,
+    DEFAULT_MNIST,
+    command_line,
+    emit,
+    machine_info,
+    markdown_table,
+    python_cmd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +232,7 @@ def main() -> None:
         cfg = replace(cfg, data=args.data)
     out: dict[str, Any] = {
         "benchmark": "baselines",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine_info(),
         "config": asdict(cfg),
     }

@@ -31,6 +31,12 @@ DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
 READY = "READY"
 
 
+def command_line() -> str:
+    """How this benchmark was started, interpreter flags included."""
+    flags = ["-O"] if sys.flags.optimize else []
+    return " ".join([Path(sys.executable).name, *flags, *sys.argv])
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on; benchmark results mean nothing without it."""
     model = ""
@@ -93,7 +99,7 @@ def emit(result: dict[str, Any], tables: Sequence[str], json_path: Path | None =
 
 
 def python_cmd() -> list[str]:
-    """This interpreter, with this run's -O flag passed on (see benchmarks/README.md)."""
+    """This interpreter, with this run's -O flag passed on to the helper."""
     return [sys.executable, *(["-O"] if sys.flags.optimize else [])]
 
 

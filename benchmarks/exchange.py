@@ -40,6 +40,7 @@ import uvloop
 from common import (
     BENCH_DIR,
     Helper,
+    command_line,
     emit,
     machine_info,
     markdown_table,
@@ -287,7 +288,7 @@ def main() -> None:
     results = [bench_size(size, cfg) for size in cfg.sizes]
     out = {
         "benchmark": "exchange",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine,
         "config": asdict(cfg),
         "loop": "uvloop " + uvloop.__version__,

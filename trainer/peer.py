@@ -350,6 +350,9 @@ class Peer:
     # -- the end -----------------------------------------------------------------------------
     async def _finish(self) -> dict[str, Any]:
         t = self.trainer
+        # Decline exchanges from now on: the accuracy reported, final.pt and the last
+        # checkpoint must all be the same weights.
+        self.exchanger.ready = False
         acc = await asyncio.to_thread(t.test_accuracy)
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final.pt"

@@ -45,6 +45,23 @@ class StepInfo:
     epoch: float
 
 
+# Data sets loaded before forking (see trainer.zygote), shared copy-on-write by the peers.
+_PRELOADED: dict[tuple[str, str | None], Dataset] = {}
+
+
+def preload_dataset(name: str, data_dir: str | None) -> Dataset:
+    data = load_dataset(name, Path(data_dir) if data_dir else None)
+    _PRELOADED[(name, data_dir)] = data
+    return data
+
+
+def dataset_for(cfg: TrainConfig) -> Dataset:
+    found = _PRELOADED.get((cfg.dataset, cfg.data_dir))
+    if found is not None:
+        return found
+    return load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+
+
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, peer_index: int, num_peers: int, dataset: Dataset | None = None
@@ -52,9 +69,7 @@ class Trainer:
         self.cfg = cfg
         self.peer_index = peer_index
         self.num_peers = num_peers
-        self.data = dataset or load_dataset(
-            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None
-        )
+        self.data = dataset or dataset_for(cfg)
         shard = partition(
             self.data.y_train.numpy(),
             num_peers,

@@ -90,6 +90,7 @@ class Peer:
         self._last_progress = 0.0
         self._last_exchange_step = 0
         self.stopped_by_signal = False
+        self._first_exchange_seen = False
         self._ckpt_peers: list[str] = []  # known peers saved in the checkpoint resumed from
         self._ckpt_error: str | None = None  # last background checkpoint error reported
 
@@ -340,12 +341,18 @@ class Peer:
             out = await self.exchanger.exchange(addr)
             if out.ok:
                 self.exchange_seconds += out.seconds
+                if not self._first_exchange_seen:
+                    self._note_first_exchange(addr)
                 return True
             if not out.busy:
                 log.debug("exchange with %s failed: %s", addr, out.reason)
             # Busy peers decline at once; a short random pause breaks lockstep retries.
             await asyncio.sleep(self.rng.uniform(0.0, 0.01))
         return False
+
+    def _note_first_exchange(self, addr: str) -> None:
+        self._first_exchange_seen = True
+        self.emit("first_exchange", partner=addr, seconds=round(time.monotonic() - self.t0, 3))
 
     # -- the end -----------------------------------------------------------------------------
     async def _finish(self) -> dict[str, Any]:

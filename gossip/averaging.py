@@ -11,6 +11,7 @@ are kept (AD-PSGD, Lian et al. 2018):
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,21 +40,37 @@ class UpdateGuard:
     absolute_floor: float = 1.0
 
 
-def check_update(remote: np.ndarray, local: np.ndarray, guard: UpdateGuard = UpdateGuard()) -> None:
-    """Raise ``UpdateRejected`` unless ``remote`` is finite, the right size, and plausible."""
-    if remote.shape != local.shape or remote.dtype != local.dtype:
+def checked_delta(
+    remote: np.ndarray,
+    snapshot: np.ndarray,
+    snapshot_norm: float,
+    out: np.ndarray,
+    guard: UpdateGuard = UpdateGuard(),
+) -> np.ndarray:
+    """``out = remote - snapshot``, or ``UpdateRejected`` if it must not be applied.
+
+    One pass makes the delta; its norm is both checks: NaN or infinity anywhere in
+    ``remote`` makes the norm non-finite (our snapshot is finite), and a norm beyond
+    ``guard`` means an implausible jump. The mix then adds half of ``out``.
+    """
+    if remote.shape != snapshot.shape or remote.dtype != snapshot.dtype:
         raise UpdateRejected(
             f"weight vector {remote.dtype}{list(remote.shape)} does not match "
-            f"ours {local.dtype}{list(local.shape)}"
+            f"ours {snapshot.dtype}{list(snapshot.shape)}"
         )
-    if not np.isfinite(remote).all():
+    np.subtract(remote, snapshot, out=out)
+    dist = float(np.linalg.norm(out))
+    if not math.isfinite(dist):
         raise UpdateRejected("weight vector holds NaN or infinity")
-    dist = float(np.linalg.norm(remote - local))
-    limit = guard.max_relative_distance * float(np.linalg.norm(local)) + guard.absolute_floor
+    limit = guard.max_relative_distance * snapshot_norm + guard.absolute_floor
     if dist > limit:
-        raise UpdateRejected(
-            f"weight vector is implausibly far from ours ({dist:.3g} > {limit:.3g})"
-        )
+        raise UpdateRejected(f"weight vector implausibly far from ours ({dist:.3g} > {limit:.3g})")
+    return out
+
+
+def check_update(remote: np.ndarray, local: np.ndarray, guard: UpdateGuard = UpdateGuard()) -> None:
+    """Raise ``UpdateRejected`` unless ``remote`` is finite, the right size, and plausible."""
+    checked_delta(remote, local, float(np.linalg.norm(local)), np.empty_like(local), guard)
 
 
 def mix(current: np.ndarray, snapshot: np.ndarray, remote: np.ndarray, alpha: float = 0.5) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 
 import numpy as np
-
-from .averaging import mix
 
 
 class ArrayStore:
@@ -14,11 +12,12 @@ class ArrayStore:
         self.weights = np.ascontiguousarray(weights, dtype=np.float32)
         self.schema = schema
         self.nbytes = self.weights.nbytes
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
-    async def snapshot(self) -> np.ndarray:
-        return self.weights.copy()
+    def snapshot_into(self, out: np.ndarray) -> None:
+        with self._lock:
+            np.copyto(out, self.weights)
 
-    async def mix(self, snapshot: np.ndarray, remote: np.ndarray) -> None:
-        async with self._lock:
-            mix(self.weights, snapshot, remote)
+    def add_scaled(self, delta: np.ndarray, alpha: float) -> None:
+        with self._lock:
+            self.weights += np.float32(alpha) * delta

@@ -64,11 +64,45 @@ class Limits:
     max_segments: int = 4096
 
 
+class BufferPool:
+    """Reusable receive buffers for large payloads, one free list per exact size.
+
+    A model's weights arrive in frames of the same size every exchange; allocating (and
+    zeroing, and page-faulting) a fresh 40 MB buffer each time cost more than the transfer.
+    The decoder takes a buffer here; whoever consumes the frame gives it back with
+    ``Frame.release()``. A frame never released is simply garbage-collected.
+    """
+
+    def __init__(self, min_size: int = 1 << 20, keep: int = 4) -> None:
+        self.min_size = min_size  # smaller payloads are plain allocations
+        self.keep = keep  # free buffers kept per size
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, nbytes: int) -> memoryview:
+        free = self._free.get(nbytes)
+        return memoryview(free.pop() if free else bytearray(nbytes))
+
+    def give(self, view: memoryview) -> None:
+        base = view.obj
+        if isinstance(base, bytearray) and len(base) == view.nbytes:
+            free = self._free.setdefault(view.nbytes, [])
+            if len(free) < self.keep:
+                free.append(base)
+
+
 @dataclass
 class Frame:
     type: int
     header: dict[str, Any]
     payload: memoryview = field(default_factory=lambda: memoryview(b""))
+    pool: BufferPool | None = None
+
+    def release(self) -> None:
+        """Hand the payload buffer back for reuse; the frame must not be used after."""
+        if self.pool is not None:
+            self.pool.give(self.payload)
+            self.pool = None
+        self.payload = memoryview(b"")
 
     @property
     def segments(self) -> list[memoryview]:
@@ -109,8 +143,10 @@ class Decoder:
     already hold bytes. Complete frames are collected in ``frames``.
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, pool: BufferPool | None = None) -> None:
         self.limits = limits or Limits()
+        self.pool = pool
+        self._pooled = False
         self.frames: list[Frame] = []
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._prefix = bytearray()
@@ -207,12 +243,18 @@ class Decoder:
             raise FrameError("frame segment list does not match its payload length")
         self._header = header
         # Allocation happens only here, after every length was checked.
-        self._payload = memoryview(bytearray(self._plen))
+        self._pooled = self.pool is not None and self._plen >= self.pool.min_size
+        if self._pooled:
+            assert self.pool is not None
+            self._payload = self.pool.take(self._plen)
+        else:
+            self._payload = memoryview(bytearray(self._plen))
         self._got = 0
         if self._plen == 0:
             self._finish()
 
     def _finish(self) -> None:
         assert self._payload is not None
-        self.frames.append(Frame(self._type, self._header, self._payload))
+        pool = self.pool if self._pooled else None
+        self.frames.append(Frame(self._type, self._header, self._payload, pool))
         self._payload, self._header, self._got, self._direct = None, {}, 0, False

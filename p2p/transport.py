@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .framing import Decoder, Frame, FrameError, Limits, encode
+from .framing import BufferPool, Decoder, Frame, FrameError, Limits, encode
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     # Frames buffered before we stop reading from the socket (backpressure on the sender).
     MAX_QUEUED = 64
 
-    def __init__(self, limits: Limits, stats: Stats) -> None:
-        self.decoder = Decoder(limits)
+    def __init__(self, limits: Limits, stats: Stats, pool: BufferPool | None = None) -> None:
+        self.decoder = Decoder(limits, pool)
         self.stats = stats
         self.frames: deque[Frame] = deque()
         self.transport: asyncio.Transport | None = None
@@ -114,6 +114,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport  # type: ignore[assignment]
+        # drain() returns only once everything written is in the kernel, so a sender may
+        # reuse its buffer (a weight snapshot) as soon as send() returns.
+        self.transport.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -230,6 +233,7 @@ class TcpTransport(Transport):
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.stats = Stats()
+        self.pool = BufferPool()
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -237,7 +241,7 @@ class TcpTransport(Transport):
         loop = asyncio.get_running_loop()
 
         def factory() -> _FrameProtocol:
-            proto = _FrameProtocol(self.limits, self.stats)
+            proto = _FrameProtocol(self.limits, self.stats, self.pool)
             proto_made = proto.connection_made
 
             def made(transport: asyncio.BaseTransport) -> None:
@@ -277,7 +281,7 @@ class TcpTransport(Transport):
         try:
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
-                    lambda: _FrameProtocol(self.limits, self.stats), host, port
+                    lambda: _FrameProtocol(self.limits, self.stats, self.pool), host, port
                 )
         except TimeoutError:
             raise TransportError(f"connect to {addr}: no answer within {timeout:.1f} s") from None

@@ -121,6 +121,7 @@ class Peer:
         finally:
             self.stop.set()
             await asyncio.to_thread(self.trainer.close)
+            self.exchanger.close()
             await self.node.close()
         return result
 

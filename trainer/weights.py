@@ -8,7 +8,6 @@ too, so averaging lands between steps, never inside one.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import numpy as np
@@ -35,26 +34,23 @@ class FlatWeights:
         self.nbytes = self.array.nbytes
         self.lock = threading.Lock()
 
-    # -- thread-side primitives -------------------------------------------------------------
-    def copy(self) -> np.ndarray:
+    # -- WeightStore for gossip.exchange (called from worker threads) -------------------------
+    def snapshot_into(self, out: np.ndarray) -> None:
         with self.lock:
-            return self.array.copy()
+            np.copyto(out, self.array)
 
-    def mix_now(self, snapshot: np.ndarray, remote: np.ndarray) -> None:
-        delta = np.subtract(remote, snapshot)  # computed outside the lock
-        delta *= 0.5
-        with self.lock:
-            self.array += delta
+    def add_scaled(self, delta: np.ndarray, alpha: float) -> None:
+        d = torch.from_numpy(delta)
+        with self.lock, torch.no_grad():
+            self.flat.add_(d, alpha=alpha)  # one fused pass, no temporary
+
+    def copy(self) -> np.ndarray:
+        out = np.empty_like(self.array)
+        self.snapshot_into(out)
+        return out
 
     def load(self, vector: np.ndarray) -> None:
         if vector.shape != self.array.shape:
             raise ValueError(f"weight vector of {vector.size} values, model has {self.array.size}")
         with self.lock:
             self.array[:] = vector
-
-    # -- WeightStore for gossip.exchange ------------------------------------------------------
-    async def snapshot(self) -> np.ndarray:
-        return await asyncio.to_thread(self.copy)
-
-    async def mix(self, snapshot: np.ndarray, remote: np.ndarray) -> None:
-        await asyncio.to_thread(self.mix_now, snapshot, remote)

@@ -1,0 +1,485 @@
+"""The robustness report of a chaos run: RUN_DIR/report.md and the report.json behind it.
+
+Per fault: how long until the other peers noticed (first ``suspect`` / ``declared_dead`` of
+the faulty peer by another), how long membership took to be whole again after a heal, a
+resume or a restart, and how much the other peers stalled (their longest gap between
+progress lines in the window after the fault, and their step rate after / before). For the
+run: each peer's accuracy against a no-fault baseline run with the same seed. Invariants:
+every live peer ended within epsilon of the consensus; nothing non-finite was ever trained
+on or saved; every checkpoint loads.
+
+    python -m trainer.report RUN_DIR [--baseline BASELINE_RUN_DIR] [--epsilon 0.05]
+
+Times are seconds on the launcher's clock (summary.json ``t``). A fault's accuracy impact
+cannot be separated from the other faults of the same run; the impact is the run's, and a
+scenario with one fault measures that fault alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MEMBER_KINDS = {
+    "joined": "alive",
+    "alive": "alive",
+    "suspect": "suspect",
+    "declared_dead": "dead",
+    "left": "left",
+}
+# Seconds around a fault in which the other peers' progress is compared.
+STALL_WINDOW = 10.0
+# Faults that take a peer away, and the events that say someone noticed.
+TAKES_AWAY = ("kill", "restart", "pause")
+NOTICED = ("suspect", "declared_dead")
+
+
+# -- membership over time -------------------------------------------------------------------------
+
+
+@dataclass
+class Views:
+    """Replays membership events: who (observer) sees whom (subject) in which state."""
+
+    views: dict[str, dict[str, str]] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)
+
+    def apply(self, ev: dict[str, Any]) -> None:
+        kind, peer = ev.get("kind"), ev.get("peer")
+        if not isinstance(peer, str):
+            return
+        if kind in ("spawned", "listening"):
+            self.views[peer] = {}  # a new process knows nobody yet
+            self.live.discard(peer)
+        elif kind == "started":
+            self.live.add(peer)
+        elif kind in ("finished", "exited"):
+            self.live.discard(peer)
+        elif kind in MEMBER_KINDS and isinstance(ev.get("subject"), str):
+            self.views.setdefault(peer, {})[ev["subject"]] = MEMBER_KINDS[kind]
+
+    def whole(self) -> bool:
+        """Every live peer sees every other live peer alive (needs two or more)."""
+        if len(self.live) < 2:
+            return False
+        return all(
+            self.views.get(o, {}).get(s) == "alive" for o in self.live for s in self.live if o != s
+        )
+
+    def split(self, groups: Sequence[Sequence[str]]) -> bool:
+        """Every live peer sees every live peer across the cut dead (or at least suspect)."""
+        side = {p: g for g, members in enumerate(groups) for p in members}
+        pairs = [(o, s) for o in self.live for s in self.live if side.get(o) != side.get(s)]
+        return bool(pairs) and all(
+            self.views.get(o, {}).get(s) in ("dead", "suspect") for o, s in pairs
+        )
+
+
+def first_time(
+    events: Sequence[dict[str, Any]], since: float, test: str, *args: Any
+) -> float | None:
+    """Seconds from ``since`` until ``Views.<test>(*args)`` first holds (0 if it holds then).
+    ``events`` must be sorted by time."""
+    views = Views()
+    checked = False
+    for ev in events:
+        t = float(ev.get("t", 0.0))
+        if t > since and not checked:
+            checked = True
+            if getattr(views, test)(*args):
+                return 0.0
+        views.apply(ev)
+        if t >= since and getattr(views, test)(*args):
+            return round(t - since, 3)
+    return None
+
+
+def noticed(
+    events: Iterable[dict[str, Any]],
+    since: float,
+    pairs: set[tuple[str, str]],
+    kinds: Sequence[str],
+    until: float = math.inf,
+) -> float | None:
+    """Seconds from ``since`` to the first event of ``kinds`` by an (observer, subject) pair,
+    if it comes before ``until``."""
+    for ev in events:
+        t = float(ev.get("t", 0.0))
+        if t >= until:
+            return None
+        if t >= since and ev.get("kind") in kinds and (ev.get("peer"), ev.get("subject")) in pairs:
+            return round(t - since, 3)
+    return None
+
+
+def back_at(events: Iterable[dict[str, Any]], since: float, peers: Sequence[str]) -> float:
+    """When a taken-away peer answers again as a new process (its next "listening")."""
+    for ev in events:
+        if float(ev.get("t", 0.0)) > since and ev.get("kind") == "listening":
+            if ev.get("peer") in peers:
+                return float(ev["t"])
+    return math.inf
+
+
+# -- progress around a fault ----------------------------------------------------------------------
+
+
+def stall(
+    progress: Sequence[dict[str, Any]],
+    ends: dict[str, float],
+    t: float,
+    others: Iterable[str],
+    window: float = STALL_WINDOW,
+) -> dict[str, Any]:
+    """The other peers' longest time without a step in [t, t + window], and their step
+    rate after the fault divided by the rate before (1.0: no effect; 0: stopped)."""
+    longest, ratios = 0.0, []
+    for peer in others:
+        rows = [(float(p["t"]), int(p["step"])) for p in progress if p.get("peer") == peer]
+        end = min(t + window, ends.get(peer, math.inf))
+        if end <= t or not rows:
+            continue
+        after = [(pt, s) for pt, s in rows if t <= pt <= end]
+        times = [t, *(pt for pt, _ in after), end]
+        longest = max(longest, max(b - a for a, b in zip(times, times[1:], strict=False)))
+        before = _rate(rows, t - window, t)
+        rate_after = _rate(rows, t, end)
+        if before and rate_after is not None:
+            ratios.append(rate_after / before)
+    return {
+        "longest_gap_s": round(longest, 3),
+        "rate_ratio": round(min(ratios), 3) if ratios else None,
+    }
+
+
+def _rate(rows: Sequence[tuple[float, int]], a: float, b: float) -> float | None:
+    inside = [(t, s) for t, s in rows if a <= t <= b]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+# -- per fault ------------------------------------------------------------------------------------
+
+
+def analyse_faults(
+    events: Sequence[dict[str, Any]], progress: Sequence[dict[str, Any]], names: Sequence[str]
+) -> list[dict[str, Any]]:
+    events = sorted(events, key=lambda e: float(e.get("t", 0.0)))
+    ends = {
+        str(e["peer"]): float(e["t"])
+        for e in events
+        if e.get("kind") == "finished" and isinstance(e.get("peer"), str)
+    }
+    rows = []
+    for ev in events:
+        if ev.get("kind") not in ("fault", "fault_failed"):
+            continue
+        rows.append(_fault_row(ev, events, progress, names, ends))
+    return rows
+
+
+def _fault_row(
+    ev: dict[str, Any],
+    events: Sequence[dict[str, Any]],
+    progress: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    ends: dict[str, float],
+) -> dict[str, Any]:
+    t, kind = float(ev["t"]), str(ev.get("fault"))
+    peers = [str(p) for p in ev.get("peers", [])]
+    groups = [[str(p) for p in g] for g in ev.get("groups", [])]
+    row: dict[str, Any] = {
+        "t": t,
+        "fault": kind,
+        "peers": peers,
+        "groups": groups,
+        "source": ev.get("source"),
+        "failed": ev.get("error"),
+    }
+    if ev.get("kind") == "fault_failed" or ev.get("skipped"):
+        row["skipped"] = ev.get("skipped")
+        return row
+    others = [n for n in names if n not in peers]
+    if kind in TAKES_AWAY or kind in ("slow-peer", "slow-link"):
+        # What others say of a restarted peer's new process is not about this fault.
+        until = back_at(events, t, peers)
+        pairs = {(o, p) for o in others for p in peers}
+        row["detected_s"] = noticed(events, t, pairs, NOTICED, until)
+        row["declared_dead_s"] = noticed(events, t, pairs, ("declared_dead",), until)
+    if kind == "partition":
+        side = {p: g for g, members in enumerate(groups) for p in members}
+        pairs = {(o, s) for o in names for s in names if side.get(o) != side.get(s)}
+        row["detected_s"] = noticed(events, t, pairs, NOTICED)
+        row["split_s"] = first_time(events, t, "split", groups)
+    if kind in ("resume", "heal", "unslow-link", "unslow-peer"):
+        row["whole_s"] = first_time(events, t, "whole")
+    if kind == "restart":
+        # Back: the new process trains again; whole: from then on everybody sees everybody.
+        back = [
+            float(e["t"])
+            for e in events
+            if e.get("peer") in peers and e.get("kind") == "started" and float(e["t"]) >= t
+        ]
+        row["back_s"] = round(back[0] - t, 3) if back else None
+        whole = first_time(events, back[0], "whole") if back else None
+        row["whole_s"] = round(back[0] - t + whole, 3) if back and whole is not None else None
+    row["stall"] = stall(progress, ends, t, others if others else names)
+    return row
+
+
+# -- accuracy and invariants --------------------------------------------------------------------
+
+
+def accuracy(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    base = {p["name"]: p.get("test_accuracy") for p in (baseline or {}).get("peers", [])}
+    steady = [
+        p["test_accuracy"]
+        for p in summary["peers"]
+        if p.get("status") == "finished" and not p.get("restarts") and p.get("test_accuracy")
+    ]
+    steady_mean = sum(steady) / len(steady) if steady else None
+    peers = []
+    for p in summary["peers"]:
+        acc = p.get("test_accuracy")
+        b = base.get(p["name"])
+        peers.append(
+            {
+                "name": p["name"],
+                "status": p.get("status"),
+                "restarts": p.get("restarts", 0),
+                "accuracy": acc,
+                "baseline": b,
+                "delta_pp": _pp(acc, b),
+                "behind_unrestarted_pp": _pp(steady_mean, acc) if p.get("restarts") else None,
+            }
+        )
+    cons, base_cons = (
+        summary.get("consensus_test_accuracy"),
+        (baseline or {}).get("consensus_test_accuracy"),
+    )
+    return {
+        "peers": peers,
+        "consensus": cons,
+        "baseline_consensus": base_cons,
+        "consensus_delta_pp": _pp(cons, base_cons),
+    }
+
+
+def _pp(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(100.0 * (a - b), 3)
+
+
+def invariants(run_dir: Path, summary: dict[str, Any], epsilon: float) -> dict[str, Any]:
+    import torch
+
+    from .checkpoint import CheckpointError, load_any, load_checkpoint, model_state
+
+    def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([v.detach().reshape(-1).double() for v in state.values()])
+
+    out: dict[str, Any] = {}
+    live = [p for p in summary["peers"] if p.get("status") == "finished" and p.get("final_model")]
+    cons_path = run_dir / "consensus.pt"
+    distances = {}
+    finite_final = True
+    if cons_path.is_file() and live:
+        cons = flat(model_state(load_any(cons_path)))
+        for p in live:
+            w = flat(model_state(load_any(p["final_model"])))
+            finite_final &= bool(torch.isfinite(w).all())
+            distances[p["name"]] = round(float((w - cons).norm() / cons.norm()), 6)
+    out["converged"] = {
+        "ok": bool(distances) and all(d <= epsilon for d in distances.values()),
+        "epsilon": epsilon,
+        "relative_distance": distances,
+        "peers": len(live),
+    }
+    ckpts, bad, nonfinite = 0, [], []
+    for path in sorted(run_dir.glob("peer-*/checkpoints/*.pt")):
+        ckpts += 1
+        try:
+            state = model_state(load_checkpoint(path))
+        except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+            bad.append(f"{path.relative_to(run_dir)}: {exc}")
+            continue
+        if not bool(torch.isfinite(flat(state)).all()):
+            nonfinite.append(str(path.relative_to(run_dir)))
+    out["checkpoints_load"] = {"ok": not bad, "files": ckpts, "failed": bad}
+    losses = _progress_losses(run_dir)
+    out["finite"] = {
+        "ok": finite_final and not nonfinite and all(math.isfinite(x) for x in losses),
+        "final_models_finite": finite_final,
+        "nonfinite_checkpoints": nonfinite,
+        "losses_checked": len(losses),
+        "rejected_updates": sum(int(p.get("rejected_updates") or 0) for p in summary["peers"]),
+    }
+    return out
+
+
+def _progress_losses(run_dir: Path) -> list[float]:
+    out: list[float] = []
+    try:
+        lines = (run_dir / "progress.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        loss = json.loads(line).get("loss")
+        if isinstance(loss, int | float):
+            out.append(float(loss))
+    return out
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except OSError:
+        return []
+
+
+def build_report(
+    run_dir: str | Path, baseline: str | Path | None = None, epsilon: float = 0.05
+) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    base = json.loads((Path(baseline) / "summary.json").read_text()) if baseline else None
+    names = [p["name"] for p in summary["peers"]]
+    events = summary["events"]
+    inv = invariants(run_dir, summary, epsilon)
+    return {
+        "run_dir": str(run_dir),
+        "baseline_dir": str(baseline) if baseline else None,
+        "network": summary.get("network"),
+        "chaos": summary.get("chaos"),
+        "faults": analyse_faults(events, _load(run_dir / "progress.jsonl"), names),
+        "accuracy": accuracy(summary, base),
+        "invariants": inv,
+        "invariants_ok": all(v["ok"] for v in inv.values()),
+    }
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.2f}"
+    return str(x)
+
+
+def render(report: dict[str, Any]) -> str:
+    net = report.get("network") or {}
+    chaos = report.get("chaos") or {}
+    lines = [
+        f"# Robustness report: {report['run_dir']}",
+        "",
+        f"- network mode: **{net.get('mode', '?')}**"
+        + (f" (subnet {net['subnet']}.0/24)" if net.get("subnet") else ""),
+        f"- chaos seed: {chaos.get('seed', '-')}; planned actions: {len(chaos.get('plan', []))}",
+        f"- baseline (no faults, same seed): {report.get('baseline_dir') or 'none given'}",
+        "",
+        "## Faults",
+        "",
+        "Times in seconds after the fault. detected: first suspect/dead of the target by "
+        "another peer; whole: membership whole again; stall: the others' longest gap without "
+        "a step in the next 10 s (progress resolution 0.5 s); rate: their step rate after / "
+        "before.",
+        "",
+        "| t | fault | target | detected | dead | split | back | whole | stall | rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in report["faults"]:
+        target = "/".join(",".join(g) for g in f["groups"]) if f["groups"] else ",".join(f["peers"])
+        if f.get("failed") or f.get("skipped"):
+            lines.append(
+                f"| {f['t']:.1f} | {f['fault']} | {target} | "
+                f"{f.get('failed') or f.get('skipped')} |||||||"
+            )
+            continue
+        s = f.get("stall", {})
+        cells = [
+            f.get(k) for k in ("detected_s", "declared_dead_s", "split_s", "back_s", "whole_s")
+        ]
+        lines.append(
+            f"| {f['t']:.1f} | {f['fault']} | {target} | "
+            + " | ".join(_fmt(c) for c in cells)
+            + f" | {_fmt(s.get('longest_gap_s'))} | {_fmt(s.get('rate_ratio'))} |"
+        )
+    acc = report["accuracy"]
+    lines += [
+        "",
+        "## Accuracy against the baseline",
+        "",
+        "| peer | status | restarts | accuracy | baseline | delta (pp) | behind unrestarted (pp) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in acc["peers"]:
+        lines.append(
+            f"| {p['name']} | {p['status']} | {p['restarts']} | {_fmt4(p['accuracy'])} | "
+            f"{_fmt4(p['baseline'])} | {_fmt(p['delta_pp'])} | "
+            f"{_fmt(p['behind_unrestarted_pp'])} |"
+        )
+    lines += [
+        "",
+        f"Consensus model: {_fmt4(acc['consensus'])} (baseline {_fmt4(acc['baseline_consensus'])}, "
+        f"delta {_fmt(acc['consensus_delta_pp'])} pp).",
+        "",
+        "## Invariants",
+        "",
+    ]
+    inv = report["invariants"]
+    conv = inv["converged"]
+    worst = max(conv["relative_distance"].values(), default=None)
+    lines.append(
+        f"- [{'x' if conv['ok'] else ' '}] every live peer within epsilon={conv['epsilon']} of "
+        f"the consensus (relative L2 distance; worst {_fmt(worst)}, {conv['peers']} peers)"
+    )
+    fin = inv["finite"]
+    lines.append(
+        f"- [{'x' if fin['ok'] else ' '}] no non-finite weights or losses: final models, "
+        f"checkpoints, {fin['losses_checked']} progress losses "
+        f"({fin['rejected_updates']} updates refused at the door)"
+    )
+    ck = inv["checkpoints_load"]
+    lines.append(f"- [{'x' if ck['ok'] else ' '}] every checkpoint loads ({ck['files']} files)")
+    lines += [f"  - {x}" for x in ck["failed"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt4(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def write_report(
+    run_dir: str | Path, baseline: str | Path | None = None, epsilon: float = 0.05
+) -> dict[str, Any]:
+    """Build the report and write RUN_DIR/report.json and RUN_DIR/report.md."""
+    report = build_report(run_dir, baseline, epsilon)
+    run_dir = Path(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(render(report))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", help="run dir of the no-fault run with the same seed")
+    p.add_argument("--epsilon", type=float, default=0.05)
+    args = p.parse_args(argv)
+    report = write_report(args.run_dir, args.baseline, args.epsilon)
+    print(render(report))
+    return 0 if report["invariants_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@
     gossip-train peer --listen H:P --join H:P    one peer, for running across machines
     gossip-train members --peer H:P              the member list a running peer sees
     gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
+    gossip-train chaos SCENARIO --run-dir DIR    inject faults into running peers
 
 Errors a user can fix (a bad path, a port in use, nobody to join) print one line and
 exit with status 2; no traceback.
@@ -19,6 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from . import chaos
 
 log = logging.getLogger("gossip_train")
 
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     add_net_args(p)
     add_checkpoint_args(p)
+    chaos.add_local_args(p)
 
     p = sub.add_parser("peer", help="run one peer (one per machine, or by hand)")
     p.add_argument("--config", help="TOML file with peer settings (flags override it)")
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("default", "mnist", "fashion-mnist"), default=None)
     p.add_argument("--data-dir")
     p.add_argument("--model", choices=("mlp", "cnn"), default=None)
+
+    chaos.add_chaos_parser(sub)
     return parser
 
 
@@ -314,7 +320,13 @@ def setup_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose + (1 if args.command == "peer" else 0))
-    handlers = {"peer": cmd_peer, "local": cmd_local, "members": cmd_members, "eval": cmd_eval}
+    handlers = {
+        "peer": cmd_peer,
+        "local": cmd_local,
+        "members": cmd_members,
+        "eval": cmd_eval,
+        "chaos": chaos.run_chaos,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

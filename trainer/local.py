@@ -3,6 +3,11 @@
 Each peer is a ``gossip-train peer`` process (the same code users run across machines),
 speaking real TCP on loopback. The launcher only starts them, reads the JSON events they
 print, shows progress, and at the end builds the consensus model from their final weights.
+
+With ``--netns`` every peer is a host of its own: a network namespace with its own IP address
+on a bridge (``trainer.netns``). With ``--chaos`` / ``--fault`` / ``--random`` the launcher also
+injects faults (``trainer.chaos``), through the namespaces or, without them, through a TCP
+proxy in this process; afterwards it writes the robustness report (``trainer.report``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
 from .config import default_threads
+from .netns import FaultNet, NamespaceNet, NetError, ProxyNet, netns_available
 
 GRACE_SECONDS = 5.0
+# Port every peer listens on inside its own namespace (each namespace has its own ports).
+NETNS_PORT = 7000
+# Default --linger of a run with faults (seconds); 2 s without.
+CHAOS_LINGER = 10.0
 
 
 @dataclass
@@ -37,6 +48,11 @@ class Child:
     status: str = "starting"
     started: float = 0.0
     restarts: int = 0
+    listen: str | None = None  # bind address when it differs from the advertised ``addr``
+    control: str = ""  # where CONTROL commands reach the peer directly (not via the proxy)
+    wrap: list[str] = field(default_factory=list)  # argv prefix (ip netns exec NS)
+    chaos_killed: bool = False  # the last exit was a fault we injected
+    restart_now: bool = False  # restart at once after the injected SIGKILL
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -54,6 +70,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> list[str]:
     argv = [
+        *child.wrap,
         sys.executable,
         "-m",
         "trainer.cli",
@@ -61,7 +78,7 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         "--events",
         "jsonl",
         "--listen",
-        child.addr,
+        child.listen or child.addr,
         "--name",
         child.name,
         "--index",
@@ -75,8 +92,12 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         "--linger",
         str(2.0 if args.linger is None else args.linger),
     ]
+    if child.listen:
+        argv += ["--advertise", child.addr]
     if seeds:
         argv += ["--join", ",".join(seeds)]
+    if getattr(args, "allow_control", False):
+        argv += ["--allow-control"]
     if args.checkpoints or args.restart_failed:
         argv += ["--checkpoint-dir", str(child.run_dir / "checkpoints")]
     for flag in ("checkpoint_every", "checkpoint_seconds", "checkpoint_keep"):
@@ -108,20 +129,88 @@ class LocalRun:
         n = args.peers
         if n < 1:
             raise ValueError("--peers must be at least 1")
+        names = [f"peer-{i}" for i in range(n)]
+        # A bad scenario, or a fault aimed at a peer that does not exist, fails here,
+        # before anything is created or started.
+        self.scenario = load_chaos(args)
+        self.actions: list[Action] = plan(self.scenario, names, args.chaos_seed)
+        self.mode = network_mode(args, self.scenario)
+        args.allow_control = bool(self.actions)
+        if self.actions and args.linger is None:
+            # Faults make peers finish at different times (a restarted peer redoes the
+            # steps since its checkpoint); lingering longer lets the early ones keep
+            # averaging with the late ones, so all end near the consensus.
+            args.linger = CHAOS_LINGER
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(args.run_dir or f"runs/{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ports = list(range(args.base_port, args.base_port + n)) if args.base_port else free_ports(n)
         self.children = [
-            Child(i, f"peer-{i}", f"127.0.0.1:{ports[i]}", self.run_dir / f"peer-{i}")
+            Child(i, names[i], f"127.0.0.1:{ports[i]}", self.run_dir / f"peer-{i}")
             for i in range(n)
         ]
+        for c in self.children:
+            c.control = c.addr
+        self.names = names
+        self.net: FaultNet | None = None
         self.events: list[dict[str, Any]] = []
+        self.progress: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.tty = sys.stderr.isatty() and not args.no_progress
         self.stopping = False
         self._drawn = 0
+        self._waiters: set[asyncio.Task[None]] = set()
+        self._all_started = asyncio.Event()
+        self.driver: Driver | None = None
 
+    # -- networks ------------------------------------------------------------------------------
+    def make_namespaces(self) -> NamespaceNet:
+        """Every peer on a host of its own: a namespace, an IP, the same port on each."""
+        ok, why = netns_available()
+        if not ok:
+            raise NetError(f"--netns: {why}")
+        net = NamespaceNet(len(self.children))
+        self.net = net
+        net.guard()
+        net.create()
+        port = self.args.base_port or NETNS_PORT
+        for c in self.children:
+            c.addr = c.control = f"{net.ip(c.index)}:{port}"
+            c.listen = f"0.0.0.0:{port}"
+            c.wrap = net.exec_argv(c.index)
+        return net
+
+    async def _make_proxy(self) -> None:
+        """No namespaces: each peer advertises a proxy front; the proxy forwards to it."""
+        proxy = ProxyNet(self.names, [c.addr for c in self.children])
+        fronts = await proxy.start()
+        self.net = proxy
+        for c, front in zip(self.children, fronts, strict=True):
+            c.listen, c.addr, c.control = c.addr, front, c.addr
+
+    def write_peers(self) -> None:
+        """RUN_DIR/peers.json: what `gossip-train chaos --run-dir` needs to act on this run."""
+        info = {
+            "launcher_pid": os.getpid(),
+            "net": self.net.describe() if self.net is not None else {"mode": self.mode},
+            "restart_failed": bool(self.args.restart_failed),
+            "peers": [
+                {
+                    "name": c.name,
+                    "index": c.index,
+                    "addr": c.addr,
+                    "control": c.control,
+                    "pid": c.proc.pid if c.proc and c.proc.returncode is None else None,
+                    "netns": c.wrap[-1] if c.wrap else None,
+                }
+                for c in self.children
+            ],
+        }
+        tmp = self.run_dir / "peers.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.run_dir / "peers.json")
+
+    # -- events --------------------------------------------------------------------------------
     def event(self, child: Child, ev: dict[str, Any]) -> None:
         ts = ev.pop("ts", None)
         ev["t"] = round((ts or time.time()) - self.t0, 3)
@@ -129,11 +218,14 @@ class LocalRun:
         kind = ev.get("kind")
         if kind == "progress":
             child.last = ev
+            self.progress.append(ev)
             return
         if kind == "finished":
             child.result = ev
         if kind == "started":
             child.status = "training"
+            if all(c.status == "training" for c in self.children):
+                self._all_started.set()
         self.events.append(ev)
 
     async def _read(self, child: Child) -> None:
@@ -162,6 +254,7 @@ class LocalRun:
         )
         log.close()
         child.started = time.time()
+        child.chaos_killed = False
         self.events.append(
             {
                 "t": round(child.started - self.t0, 3),
@@ -170,6 +263,10 @@ class LocalRun:
                 "pid": child.proc.pid,
             }
         )
+        self.write_peers()
+
+    def _seeds_for(self, child: Child) -> list[str]:
+        return [c.addr for c in self.children if c is not child]
 
     async def _wait(self, child: Child) -> None:
         """Wait for the child to end; with --restart-failed, restart it while it crashes."""
@@ -183,19 +280,27 @@ class LocalRun:
             if rc == 0 and child.result:
                 child.status = str(child.result.get("status", "finished"))
                 return
-            child.status = "failed"
+            child.status = "killed" if child.chaos_killed else "failed"
             self.note(
                 child, "exited", returncode=rc, error=last_error_line(child.run_dir / "log.txt")
             )
+            if child.restart_now and not self.stopping:
+                child.restart_now = False  # an injected restart: at once, supervised or not
             # Exit status 2 is a user error (bad flags, data): restarting cannot fix it.
-            if not self.args.restart_failed or rc == 2 or self.stopping:
+            elif not self.args.restart_failed or rc == 2 or self.stopping:
                 return
-            child.restarts += 1
-            await asyncio.sleep(self.args.restart_delay)
+            else:
+                await asyncio.sleep(self.args.restart_delay)
             if self.stopping:
                 return
-            await self._start(child, [c.addr for c in self.children if c is not child])
+            child.restarts += 1
+            await self._start(child, self._seeds_for(child))
             self.note(child, "restarted", restarts=child.restarts)
+
+    def _watch(self, child: Child) -> None:
+        task = asyncio.create_task(self._wait(child))
+        self._waiters.add(task)
+        task.add_done_callback(self._waiters.discard)
 
     def note(self, child: Child | None, kind: str, **fields: Any) -> None:
         ev = {"t": round(time.time() - self.t0, 3), "kind": kind, **fields}
@@ -203,28 +308,124 @@ class LocalRun:
             ev["peer"] = child.name
         self.events.append(ev)
 
+    # -- the chaos target (trainer.chaos.Target) ----------------------------------------------
+    def _child(self, name: str) -> Child:
+        return self.children[self.names.index(name)]
+
+    def _running(self, child: Child) -> bool:
+        return child.proc is not None and child.proc.returncode is None
+
+    def kill(self, name: str) -> dict[str, Any]:
+        child = self._child(name)
+        if not self._running(child):
+            return {"skipped": "not running"}
+        assert child.proc is not None
+        child.chaos_killed = True
+        os.killpg(child.proc.pid, signal.SIGKILL)
+        return {"pid": child.proc.pid}
+
+    def restart(self, name: str) -> dict[str, Any]:
+        """SIGKILL, then start again with the same arguments: it resumes from its checkpoint."""
+        child = self._child(name)
+        if self._running(child):
+            child.restart_now = True
+            return self.kill(name)
+        if child.status not in ("killed", "failed"):
+            return {"skipped": f"not running ({child.status})"}
+        task = asyncio.get_running_loop().create_task(self._revive(child))
+        self._waiters.add(task)
+        task.add_done_callback(self._waiters.discard)
+        return {"note": "was not running; started again"}
+
+    async def _revive(self, child: Child) -> None:
+        child.restarts += 1
+        await self._start(child, self._seeds_for(child))
+        self.note(child, "restarted", restarts=child.restarts)
+        await self._wait(child)
+
+    def signal(self, name: str, sig: int) -> dict[str, Any]:
+        child = self._child(name)
+        if not self._running(child):
+            return {"skipped": "not running"}
+        assert child.proc is not None
+        os.killpg(child.proc.pid, sig)
+        return {"pid": child.proc.pid}
+
+    def control_addr(self, name: str) -> str:
+        return self._child(name).control
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.note(None, **event)
+        desc = " ".join(
+            f"{k}={v}" for k, v in event.items() if k in ("fault", "peers", "groups", "error")
+        )
+        print(f"t={time.time() - self.t0:6.1f}s  {event['kind']}: {desc}", file=sys.stderr)
+
+    async def _chaos(self) -> None:
+        """Start the clock when every peer trains, then apply the planned actions."""
+        await self._all_started.wait()
+        self.note(None, "chaos_start", mode=self.mode, seed=self.chaos_seed)
+        self.driver = Driver(self.actions, self, self.args.cluster or "gossip-train")
+        await self.driver.run()
+
+    @property
+    def chaos_seed(self) -> int:
+        return self.scenario.seed if self.args.chaos_seed is None else self.args.chaos_seed
+
+    # -- the run -------------------------------------------------------------------------------
     async def run(self) -> None:
+        main = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            assert main is not None
+            loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        if self.mode == "proxy":
+            await self._make_proxy()
+        check_target(self.actions, self.net, "--chaos")
+        self.note(None, "network", mode=self.mode, peers={c.name: c.addr for c in self.children})
         seeds = [self.children[0].addr]
         for c in self.children:
             await self._start(c, seeds if c.index else [])
         view = asyncio.create_task(self._view())
+        chaos = asyncio.create_task(self._chaos()) if self.actions else None
         try:
             async with asyncio.timeout(self.args.timeout):
-                await asyncio.gather(*(self._wait(c) for c in self.children))
+                for c in self.children:
+                    self._watch(c)
+                while self._waiters:
+                    await asyncio.wait(set(self._waiters))
         except TimeoutError:
             self.events.append({"t": round(time.time() - self.t0, 3), "kind": "timeout"})
         finally:
             view.cancel()
+            if chaos is not None:
+                chaos.cancel()
             await self.stop_all()
+            await self._settle()
+            if isinstance(self.net, ProxyNet):
+                await self.net.close()
             self._draw(final=True)
+
+    async def _settle(self) -> None:
+        """Let the waiters read the stopped peers' last events, then drop them."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):
+                while self._waiters:
+                    await asyncio.wait(set(self._waiters))
+        for task in list(self._waiters):
+            task.cancel()
 
     async def stop_all(self) -> None:
         self.stopping = True
+        if self.net is not None:
+            with contextlib.suppress(NetError, OSError):
+                self.net.heal()
         live = [c for c in self.children if c.proc and c.proc.returncode is None]
         for c in live:
             with contextlib.suppress(ProcessLookupError):
                 assert c.proc is not None
                 os.killpg(c.proc.pid, signal.SIGTERM)
+                os.killpg(c.proc.pid, signal.SIGCONT)  # a paused peer must see the SIGTERM
         deadline = time.time() + GRACE_SECONDS
         for c in live:
             assert c.proc is not None
@@ -297,7 +498,7 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     from .evaluate import consensus
 
     args = run.args
-    peers = []
+    peers: list[dict[str, Any]] = []
     for c in run.children:
         r = c.result or {}
         peers.append(
@@ -313,6 +514,8 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
                 "bytes_received": r.get("bytes_received"),
                 "wall_seconds": r.get("wall_seconds"),
                 "final_model": r.get("final_model"),
+                "rejected_updates": r.get("rejected_updates"),
+                "restarts": c.restarts,
             }
         )
     finished = [
@@ -336,18 +539,70 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
         cons_acc = consensus(
             finished, args.model or "mlp", data, run.run_dir / "consensus.pt", meta
         )
+    events = run.events + chaos_events(run)
+    write_progress(run)
     summary = {
         "wall_seconds": round(wall, 3),
         "consensus_test_accuracy": cons_acc,
         "consensus_model": str(run.run_dir / "consensus.pt") if finished else None,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "peers": peers,
-        "events": sorted(run.events, key=lambda e: e.get("t", 0)),
+        "network": run.net.describe() if run.net is not None else {"mode": run.mode},
+        "chaos": {
+            "seed": run.chaos_seed,
+            "plan": [a.to_json() for a in run.actions],
+            "applied": len(run.driver.done) if run.driver else 0,
+        }
+        if run.actions
+        else None,
+        "events": sorted(events, key=lambda e: e.get("t", 0)),
     }
     tmp = run.run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, run.run_dir / "summary.json")
     return summary
+
+
+def chaos_events(run: LocalRun) -> list[dict[str, Any]]:
+    """Faults that a standalone `gossip-train chaos --run-dir` injected into this run."""
+    path = run.run_dir / "chaos-events.jsonl"
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            ev["t"] = round(float(ev.pop("ts", time.time())) - run.t0, 3)
+            out.append(ev)
+    return out
+
+
+def write_progress(run: LocalRun) -> None:
+    """RUN_DIR/progress.jsonl: every peer's progress lines (steps over time, for the report)."""
+    with open(run.run_dir / "progress.jsonl", "w") as fh:
+        for ev in run.progress:
+            fh.write(json.dumps(ev) + "\n")
+
+
+def load_chaos(args: argparse.Namespace) -> Scenario:
+    scenario = load_scenario(args.chaos) if getattr(args, "chaos", None) else Scenario()
+    return scenario + scenario_from_flags(
+        getattr(args, "fault", None) or [], getattr(args, "random", None) or []
+    )
+
+
+def network_mode(args: argparse.Namespace, scenario: Scenario) -> str:
+    """netns when asked; the proxy when asked or when network faults need it; else loopback."""
+    if getattr(args, "netns", False):
+        return "netns"
+    if getattr(args, "proxy", False) or scenario.network:
+        return "proxy"
+    return "loopback"
 
 
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
@@ -372,19 +627,54 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
 def run_local(args: argparse.Namespace) -> int:
     from .cli import run_async
 
+    baseline = run_baseline(args)
     run = LocalRun(args)
     t0 = time.time()
     try:
+        if run.mode == "netns":
+            net = run.make_namespaces()
+            print(f"network: namespaces {net.describe()}", file=sys.stderr)
+        elif run.mode == "proxy":
+            print("network: fault-injecting TCP proxy on 127.0.0.1 (no --netns)", file=sys.stderr)
         run_async(run.run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         run_async(run.stop_all())
-        raise
+        raise KeyboardInterrupt from None
+    finally:
+        if isinstance(run.net, NamespaceNet):
+            run.net.close()
     summary = finish(run, time.time() - t0)
     print_table(summary, run.run_dir)
-    failed = [c for c in run.children if c.status != "finished"]
+    if run.actions or baseline is not None:
+        from .report import write_report
+
+        report = write_report(run.run_dir, baseline, epsilon=args.epsilon)
+        verdict = "all invariants hold" if report["invariants_ok"] else "INVARIANTS FAIL"
+        print(f"robustness report: {run.run_dir / 'report.md'} ({verdict})")
+    failed = [c for c in run.children if c.status not in ("finished", "killed")]
     if failed:
         errors = {e.get("error") for e in run.events if e.get("kind") == "exited"}
         for err in sorted(e for e in errors if e):
             print(f"gossip-train: peer failed: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_baseline(args: argparse.Namespace) -> Path | None:
+    """--baseline DIR: an earlier no-fault run; --baseline auto: run it now, same seed."""
+    if not getattr(args, "baseline", None):
+        return None
+    if args.baseline != "auto":
+        path = Path(args.baseline)
+        if not (path / "summary.json").is_file():
+            raise ValueError(f"--baseline {path}: no summary.json there")
+        return path
+    base = argparse.Namespace(**vars(args))
+    base.chaos, base.fault, base.random, base.baseline = None, None, None, None
+    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    args.run_dir = str(run_dir)
+    base.run_dir = str(run_dir / "baseline")
+    print(f"baseline: the same run without faults, in {base.run_dir}", file=sys.stderr)
+    if run_local(base) != 0:
+        raise ValueError("the baseline run failed; see its peer logs")
+    return Path(base.run_dir)

@@ -31,6 +31,9 @@ class TrainConfig:
     seed: int = 0
     # torch intra-op threads; 0 means max(1, cores // local peers).
     threads: int = 0
+    # Evaluate test accuracy every this many steps (0 = only at the end). Costs one pass over
+    # the test set on the training thread; used to measure time to accuracy.
+    eval_every: int = 0
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class StepInfo:
     step: int
     loss: float
     epoch: float
+    accuracy: float | None = None  # test accuracy, on steps where eval_every says so
 
 
 # Data sets loaded before forking (see trainer.zygote), shared copy-on-write by the peers.
@@ -213,7 +214,11 @@ class Trainer:
             if self.checkpointer is not None and self._checkpoint_due():
                 self.checkpoint_now()
             # ---- gossip enters here: between steps, the peer may snapshot or mix weights ----
-            on_step(StepInfo(self.step, self.loss, self.step / self.batches.batches_per_epoch))
+            acc = None
+            every = self.cfg.eval_every
+            if every > 0 and (self.step % every == 0 or self.step == self.total_steps):
+                acc = self.test_accuracy()
+            on_step(StepInfo(self.step, self.loss, self.step / self.batches.batches_per_epoch, acc))
 
     def test_accuracy(self) -> float:
         with self.weights.lock:

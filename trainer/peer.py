@@ -277,6 +277,9 @@ class Peer:
         period = max(1, self.cfg.gossip.period_steps)
 
         def on_step(info: StepInfo) -> None:
+            if info.accuracy is not None:
+                acc = round(info.accuracy, 4)
+                loop.call_soon_threadsafe(lambda: self.emit("eval", step=info.step, accuracy=acc))
             if info.step % period == 0:
                 loop.call_soon_threadsafe(kick.set)
             now = time.monotonic()

@@ -6,53 +6,57 @@ that imports torch and the trainer, loads the data set once, and then forks each
 request. A forked peer runs exactly ``gossip-train peer`` (``trainer.cli.main``) and
 shares the data set's pages copy-on-write with its siblings.
 
-The zygote has no event loop and no threads (forking those is unsafe). It speaks JSON
-lines: requests on stdin, replies on stdout.
+The zygote has no event loop and no threads (forking those is unsafe). The launcher talks
+to it over a Unix SOCK_SEQPACKET pair, one JSON message per packet; a spawn request carries
+the write end of the child's stdout pipe as an SCM_RIGHTS file descriptor, so the launcher
+reads the child's events exactly as from a subprocess pipe.
 
-    -> {"op": "spawn", "id": 3, "argv": [...], "stdout": PATH, "stderr": PATH}
-    <- {"op": "ready"}                       once pre-loading is done
+    -> {"op": "spawn", "id": 3, "argv": [...], "stderr": PATH}   + fd (child's stdout)
+    <- {"op": "ready"} | {"op": "error", "error": "..."}          once, after pre-loading
     <- {"op": "spawned", "id": 3, "pid": 1234}
-    <- {"op": "exited", "pid": 1234, "rc": 0}   (rc is -N when killed by signal N)
+    <- {"op": "exited", "pid": 1234, "rc": 0}     (rc is -N when killed by signal N)
 
-When stdin closes the zygote exits; its children live on in their own sessions.
+When the launcher's end closes, the zygote exits; its children live on in their sessions.
 """
 
 from __future__ import annotations
 
+import array
+import asyncio
+import contextlib
 import json
 import os
 import select
 import signal
+import socket
 import sys
 import traceback
 from typing import Any
 
-
-def _reply(msg: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(msg) + "\n")
-    sys.stdout.flush()
+MAX_PACKET = 1 << 16
 
 
+# -- inside the zygote ----------------------------------------------------------------------
 def _exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
 
 
-def _child(req: dict[str, Any]) -> None:
-    """In the forked child: become a session leader, rewire stdio, run the peer, exit."""
+def _child(req: dict[str, Any], stdout_fd: int, sock: socket.socket) -> None:
+    """In the forked child: own session, stdio rewired, run the peer, never return."""
     rc = 1
     try:
+        sock.close()
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(null, 0)
-        os.dup2(out, 1)
+        os.dup2(stdout_fd, 1)
         os.dup2(err, 2)
-        for fd in (null, out, err):
+        for fd in (null, err, stdout_fd):
             os.close(fd)
         from trainer.cli import main
 
@@ -70,17 +74,27 @@ def _child(req: dict[str, Any]) -> None:
             os._exit(rc)
 
 
-def _spawn(req: dict[str, Any]) -> int:
+def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
+    sock.send(json.dumps(msg).encode())
+
+
+def _spawn(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int | None:
+    if len(fds) != 1 or not isinstance(req.get("argv"), list):
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"op": "spawned", "id": req.get("id"), "pid": None, "error": "bad request"})
+        return None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(req)
-    _reply({"op": "spawned", "id": req.get("id"), "pid": pid})
+        _child(req, fds[0], sock)
+    os.close(fds[0])
+    _send(sock, {"op": "spawned", "id": req.get("id"), "pid": pid})
     return pid
 
 
-def _reap(children: set[int]) -> None:
+def _reap(sock: socket.socket, children: set[int]) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -90,10 +104,27 @@ def _reap(children: set[int]) -> None:
         if pid == 0:
             return
         children.discard(pid)
-        _reply({"op": "exited", "pid": pid, "rc": _exit_code(status)})
+        _send(sock, {"op": "exited", "pid": pid, "rc": _exit_code(status)})
 
 
-def preload(dataset: str, data_dir: str | None) -> None:
+def _serve(sock: socket.socket) -> None:
+    children: set[int] = set()
+    while True:
+        ready, _, _ = select.select([sock], [], [], 0.05)
+        _reap(sock, children)
+        if not ready:
+            continue
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, maxfds=4)
+        if not data:
+            return
+        req = json.loads(data)
+        if req.get("op") == "spawn":
+            pid = _spawn(sock, req, list(fds))
+            if pid is not None:
+                children.add(pid)
+
+
+def _preload(dataset: str, data_dir: str | None) -> None:
     import torch
 
     torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
@@ -104,40 +135,172 @@ def preload(dataset: str, data_dir: str | None) -> None:
     preload_dataset(dataset, data_dir)
 
 
-def serve() -> None:
-    children: set[int] = set()
-    buf = b""
-    while True:
-        ready, _, _ = select.select([0], [], [], 0.05)
-        _reap(children)
-        if not ready:
-            continue
-        chunk = os.read(0, 65536)
-        if not chunk:
-            return
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            req = json.loads(line)
-            if req.get("op") == "spawn":
-                children.add(_spawn(req))
-
-
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="gossip-train zygote (started by `local`)")
+    parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    sock = socket.socket(fileno=args.fd)
     try:
-        preload(args.dataset, args.data_dir)
+        _preload(args.dataset, args.data_dir)
     except Exception as exc:  # noqa: BLE001 - reported to the launcher as one line
-        _reply({"op": "error", "error": str(exc)})
+        _send(sock, {"op": "error", "error": str(exc)})
         return
-    _reply({"op": "ready"})
-    serve()
+    _send(sock, {"op": "ready"})
+    _serve(sock)
+
+
+# -- in the launcher ----------------------------------------------------------------------------
+class ZygoteChild:
+    """The launcher's handle on a forked peer; quacks like ``asyncio.subprocess.Process``."""
+
+    def __init__(self, pid: int, stdout: asyncio.StreamReader) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def _exited(self, rc: int) -> None:
+        self.returncode = rc
+        if not self._done.done():
+            self._done.set_result(rc)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
+
+
+class ZygoteError(RuntimeError):
+    pass
+
+
+class Zygote:
+    """Starts the zygote process and forks peers through it."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self._sock: socket.socket | None = None
+        self._children: dict[int, ZygoteChild] = {}
+        self._early_exits: dict[int, int] = {}
+        self._spawned: dict[int, asyncio.Future[int | None]] = {}
+        self._next_id = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+
+    async def start(self, dataset: str, data_dir: str | None, timeout: float = 180.0) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [
+            sys.executable,
+            "-m",
+            "trainer.zygote",
+            "--fd",
+            str(theirs.fileno()),
+            "--dataset",
+            dataset,
+        ]
+        if data_dir:
+            argv += ["--data-dir", data_dir]
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
+        )
+        theirs.close()
+        mine.setblocking(False)
+        self._sock = mine
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reader = asyncio.create_task(self._read())
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready
+        except TimeoutError:
+            await self.close()
+            raise ZygoteError(f"peer launcher did not start within {timeout:.0f} s") from None
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None and self._ready is not None
+        while True:
+            try:
+                data = await loop.sock_recv(self._sock, MAX_PACKET)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self._dispatch(json.loads(data))
+        if not self._ready.done():
+            self._ready.set_exception(ZygoteError("peer launcher exited while starting"))
+        # The zygote is gone: nobody can report exits any more. Treat the children as
+        # lost so waiters do not hang; the launcher kills them by pid when it stops.
+        for child in self._children.values():
+            if child.returncode is None:
+                child._exited(-signal.SIGKILL)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        assert self._ready is not None
+        op = msg.get("op")
+        if op == "ready" and not self._ready.done():
+            self._ready.set_result(None)
+        elif op == "error" and not self._ready.done():
+            self._ready.set_exception(ZygoteError(str(msg.get("error"))))
+        elif op == "spawned":
+            fut = self._spawned.pop(int(msg.get("id", -1)), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.get("pid"))
+        elif op == "exited":
+            pid, rc = int(msg["pid"]), int(msg["rc"])
+            child = self._children.get(pid)
+            if child is not None:
+                child._exited(rc)
+            else:  # exited before spawn() registered it
+                self._early_exits[pid] = rc
+
+    async def spawn(self, argv: list[str], stderr_path: str) -> ZygoteChild:
+        """Fork ``gossip-train <argv>``; its stdout is a pipe this returns a reader for."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        self._next_id += 1
+        req_id = self._next_id
+        fut: asyncio.Future[int | None] = loop.create_future()
+        self._spawned[req_id] = fut
+        msg = json.dumps({"op": "spawn", "id": req_id, "argv": argv, "stderr": stderr_path})
+        try:
+            self._sock.sendmsg(
+                [msg.encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_fd]))],
+            )
+        finally:
+            os.close(write_fd)
+        async with asyncio.timeout(30.0):
+            pid = await fut
+        if pid is None:
+            os.close(read_fd)
+            raise ZygoteError("peer launcher refused a spawn request")
+        reader = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        child = ZygoteChild(pid, reader)
+        self._children[pid] = child
+        if pid in self._early_exits:
+            child._exited(self._early_exits.pop(pid))
+        return child
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self.proc.wait()
 
 
 if __name__ == "__main__":

@@ -282,6 +282,8 @@ def _random(entry: dict[str, Any], where: Where) -> RandomFault:
 
 def _kind(entry: dict[str, Any], where: Where) -> str:
     kind = entry.get("kind")
+    if kind is None:
+        raise ScenarioError(f"{where(None)}: every entry needs 'kind' (one of: {', '.join(KINDS)})")
     if kind not in KINDS:
         raise ScenarioError(
             f"{where('kind')}: unknown fault kind {kind!r} (one of: {', '.join(KINDS)})"
@@ -593,6 +595,7 @@ class ProcessTarget:
     net: FaultNet | None = None
     events_file: Path | None = None
     run_dir: Path | None = None
+    supervised: bool | None = None  # does something restart killed peers? None: unknown
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -661,6 +664,7 @@ def target_from_args(run_dir: str | None, peer_flags: Sequence[str]) -> ProcessT
     peers: dict[str, dict[str, Any]] = {}
     net: FaultNet | None = None
     events_file = None
+    supervised = None
     rd = Path(run_dir) if run_dir else None
     if rd is not None:
         try:
@@ -674,12 +678,13 @@ def target_from_args(run_dir: str | None, peer_flags: Sequence[str]) -> ProcessT
         if info.get("net", {}).get("mode") == "netns":
             net = NamespaceNet.attach(info["net"])
         events_file = rd / "chaos-events.jsonl"
+        supervised = bool(info.get("restart_failed"))
     for spec in peer_flags:
         name, p = parse_peer_flag(spec)
         peers[name] = p
     if not peers:
         raise ScenarioError("no peers to act on: give --run-dir RUN_DIR or --peer NAME=PID@ADDR")
-    return ProcessTarget(peers, net, events_file, rd)
+    return ProcessTarget(peers, net, events_file, rd, supervised)
 
 
 def run_chaos(args: Any) -> int:
@@ -699,6 +704,10 @@ def run_chaos(args: Any) -> int:
     target = target_from_args(args.run_dir, args.peer or [])
     actions = plan(scenario, target.names, args.chaos_seed)
     check_target(actions, target.net, args.scenario or "--fault")
+    if target.supervised is False and any(a.kind == "restart" for a in actions):
+        raise ScenarioError(
+            f"restart needs a supervisor: {args.run_dir} was started without --restart-failed"
+        )
     seed = scenario.seed if args.chaos_seed is None else args.chaos_seed
     mode = target.net.mode if target.net else "process"
     target.record(
@@ -731,6 +740,11 @@ def add_local_args(p: Any) -> None:
         "network faults without --netns)",
     )
     _add_fault_args(g)
+    g.add_argument(
+        "--allow-control",
+        action="store_true",
+        help="peers accept slow-peer commands from `gossip-train chaos` (on with --chaos)",
+    )
     g.add_argument(
         "--baseline",
         metavar="RUN_DIR|auto",

@@ -135,7 +135,7 @@ class LocalRun:
         self.scenario = load_chaos(args)
         self.actions: list[Action] = plan(self.scenario, names, args.chaos_seed)
         self.mode = network_mode(args, self.scenario)
-        args.allow_control = bool(self.actions)
+        args.allow_control = bool(self.actions) or getattr(args, "allow_control", False)
         if self.actions and args.linger is None:
             # Faults make peers finish at different times (a restarted peer redoes the
             # steps since its checkpoint); lingering longer lets the early ones keep

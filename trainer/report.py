@@ -38,6 +38,12 @@ STALL_WINDOW = 10.0
 # Faults that take a peer away, and the events that say someone noticed.
 TAKES_AWAY = ("kill", "restart", "pause")
 NOTICED = ("suspect", "declared_dead")
+UNDO = {
+    "pause": "resume",
+    "partition": "heal",
+    "slow-link": "unslow-link",
+    "slow-peer": "unslow-peer",
+}
 
 
 # -- membership over time -------------------------------------------------------------------------
@@ -129,26 +135,56 @@ def back_at(events: Iterable[dict[str, Any]], since: float, peers: Sequence[str]
 
 # -- progress around a fault ----------------------------------------------------------------------
 
+Intervals = dict[str, list[tuple[float, float]]]
+
+
+def training_intervals(
+    events: Sequence[dict[str, Any]], progress: Sequence[dict[str, Any]]
+) -> Intervals:
+    """When each peer was training: from "started" to its exit, "finished", or its last step
+    (a peer that has done its steps only averages while it lingers; it makes no progress)."""
+    last_step = {
+        str(p["peer"]): float(p["t"])
+        for p in progress
+        if isinstance(p.get("step"), int) and p.get("step") == p.get("total")
+    }
+    out: Intervals = {}
+    open_at: dict[str, float] = {}
+    for ev in events:
+        peer, kind, t = ev.get("peer"), ev.get("kind"), float(ev.get("t", 0.0))
+        if not isinstance(peer, str):
+            continue
+        if kind == "started":
+            open_at[peer] = t
+        elif kind in ("exited", "finished") and peer in open_at:
+            start = open_at.pop(peer)
+            done = last_step.get(peer, math.inf)
+            out.setdefault(peer, []).append((start, min(t, done if done >= start else t)))
+    for peer, start in open_at.items():
+        out.setdefault(peer, []).append((start, last_step.get(peer, math.inf)))
+    return out
+
 
 def stall(
     progress: Sequence[dict[str, Any]],
-    ends: dict[str, float],
+    intervals: Intervals,
     t: float,
     others: Iterable[str],
     window: float = STALL_WINDOW,
 ) -> dict[str, Any]:
-    """The other peers' longest time without a step in [t, t + window], and their step
-    rate after the fault divided by the rate before (1.0: no effect; 0: stopped)."""
+    """The other peers' longest time without a step in [t, t + window] while they train,
+    and their step rate after the fault divided by the rate before (1.0: no effect)."""
     longest, ratios = 0.0, []
     for peer in others:
+        life = [(a, b) for a, b in intervals.get(peer, []) if a <= t < b]
+        if not life:
+            continue  # not training at the time of the fault
+        end = min(t + window, life[0][1])
         rows = [(float(p["t"]), int(p["step"])) for p in progress if p.get("peer") == peer]
-        end = min(t + window, ends.get(peer, math.inf))
-        if end <= t or not rows:
-            continue
-        after = [(pt, s) for pt, s in rows if t <= pt <= end]
-        times = [t, *(pt for pt, _ in after), end]
+        after = [pt for pt, _ in rows if t <= pt <= end]
+        times = [t, *after, end]
         longest = max(longest, max(b - a for a, b in zip(times, times[1:], strict=False)))
-        before = _rate(rows, t - window, t)
+        before = _rate(rows, max(t - window, life[0][0]), t)
         rate_after = _rate(rows, t, end)
         if before and rate_after is not None:
             ratios.append(rate_after / before)
@@ -172,17 +208,22 @@ def analyse_faults(
     events: Sequence[dict[str, Any]], progress: Sequence[dict[str, Any]], names: Sequence[str]
 ) -> list[dict[str, Any]]:
     events = sorted(events, key=lambda e: float(e.get("t", 0.0)))
-    ends = {
-        str(e["peer"]): float(e["t"])
-        for e in events
-        if e.get("kind") == "finished" and isinstance(e.get("peer"), str)
-    }
-    rows = []
+    intervals = training_intervals(events, progress)
+    return [
+        _fault_row(ev, events, progress, names, intervals)
+        for ev in events
+        if ev.get("kind") in ("fault", "fault_failed")
+    ]
+
+
+def _undone_at(events: Sequence[dict[str, Any]], t: float, kind: str, peers: list[str]) -> float:
+    """When the fault that started at ``t`` was undone (resume, heal, ...), if it was."""
+    undo = UNDO.get(kind)
     for ev in events:
-        if ev.get("kind") not in ("fault", "fault_failed"):
-            continue
-        rows.append(_fault_row(ev, events, progress, names, ends))
-    return rows
+        if float(ev.get("t", 0.0)) > t and ev.get("kind") == "fault" and ev.get("fault") == undo:
+            if list(ev.get("peers", [])) == peers:
+                return float(ev["t"])
+    return math.inf
 
 
 def _fault_row(
@@ -190,7 +231,7 @@ def _fault_row(
     events: Sequence[dict[str, Any]],
     progress: Sequence[dict[str, Any]],
     names: Sequence[str],
-    ends: dict[str, float],
+    intervals: Intervals,
 ) -> dict[str, Any]:
     t, kind = float(ev["t"]), str(ev.get("fault"))
     peers = [str(p) for p in ev.get("peers", [])]
@@ -208,15 +249,17 @@ def _fault_row(
         return row
     others = [n for n in names if n not in peers]
     if kind in TAKES_AWAY or kind in ("slow-peer", "slow-link"):
-        # What others say of a restarted peer's new process is not about this fault.
-        until = back_at(events, t, peers)
+        # Only what others say before the fault ends (a resume, the new process of a
+        # restarted peer) is about this fault.
+        until = min(back_at(events, t, peers), _undone_at(events, t, kind, peers))
         pairs = {(o, p) for o in others for p in peers}
         row["detected_s"] = noticed(events, t, pairs, NOTICED, until)
         row["declared_dead_s"] = noticed(events, t, pairs, ("declared_dead",), until)
     if kind == "partition":
         side = {p: g for g, members in enumerate(groups) for p in members}
         pairs = {(o, s) for o in names for s in names if side.get(o) != side.get(s)}
-        row["detected_s"] = noticed(events, t, pairs, NOTICED)
+        until = _undone_at(events, t, kind, [])
+        row["detected_s"] = noticed(events, t, pairs, NOTICED, until)
         row["split_s"] = first_time(events, t, "split", groups)
     if kind in ("resume", "heal", "unslow-link", "unslow-peer"):
         row["whole_s"] = first_time(events, t, "whole")
@@ -230,7 +273,7 @@ def _fault_row(
         row["back_s"] = round(back[0] - t, 3) if back else None
         whole = first_time(events, back[0], "whole") if back else None
         row["whole_s"] = round(back[0] - t + whole, 3) if back and whole is not None else None
-    row["stall"] = stall(progress, ends, t, others if others else names)
+    row["stall"] = stall(progress, intervals, t, others)
     return row
 
 

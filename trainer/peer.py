@@ -253,21 +253,19 @@ class Peer:
 
     async def _join(self) -> None:
         assert self.membership is not None
-        if self.cfg.join:
-            try:
-                await self.membership.join(list(self.cfg.join), self.cfg.join_timeout)
-            except JoinError as exc:
-                raise PeerError(str(exc)) from None
-            return
         # Restarted without --join (the first peer of a swarm, say): rejoin through the
-        # peers its checkpoint remembers; if none is left, go on as a new swarm.
-        seeds = [a for a in self._ckpt_peers if a != self.node.addr]
+        # peers its checkpoint remembers.
+        seeds = list(self.cfg.join) or [a for a in self._ckpt_peers if a != self.node.addr]
         if not seeds:
             return
         try:
             await self.membership.join(seeds, self.cfg.join_timeout)
         except JoinError as exc:
-            log.warning("rejoin through the checkpoint's peers failed (%s); starting alone", exc)
+            # A resumed peer may outlive its swarm (the others finished while it was down):
+            # it finishes its own work alone. A fresh peer that nobody answers is an error.
+            if self.trainer.resumed_from is None:
+                raise PeerError(str(exc)) from None
+            log.warning("%s; resuming alone", exc)
 
     # -- training and gossip -------------------------------------------------------------------
     async def _train(self) -> None:

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no live progress view")
     p.add_argument(
+        "--no-zygote",
+        action="store_true",
+        help="start each peer as a fresh process instead of forking a pre-loaded one",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=3600.0,
@@ -346,10 +351,12 @@ def is_user_error(exc: BaseException) -> bool:
     from .config import ConfigError
     from .data import DataError
     from .peer import PeerError
+    from .zygote import ZygoteError
 
     return isinstance(
         exc,
         (
+            ZygoteError,
             UserError,
             DataError,
             PeerError,

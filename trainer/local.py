@@ -28,6 +28,7 @@ from typing import Any
 from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
 from .config import default_threads
 from .netns import FaultNet, NamespaceNet, NetError, ProxyNet, netns_available
+from .zygote import Zygote
 
 GRACE_SECONDS = 5.0
 # Port every peer listens on inside its own namespace (each namespace has its own ports).
@@ -162,6 +163,7 @@ class LocalRun:
         self._waiters: set[asyncio.Task[None]] = set()
         self._all_started = asyncio.Event()
         self.driver: Driver | None = None
+        self.zygote: Zygote | None = None
 
     # -- networks ------------------------------------------------------------------------------
     def make_namespaces(self) -> NamespaceNet:
@@ -243,16 +245,21 @@ class LocalRun:
 
     async def _start(self, child: Child, seeds: list[str]) -> None:
         child.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child.proc = await asyncio.create_subprocess_exec(
-            *peer_argv(self.args, child, len(self.children), seeds),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
+        argv = peer_argv(self.args, child, len(self.children), seeds)
+        if self.zygote is not None:
+            # Same `gossip-train peer` argv, forked from the pre-loaded zygote.
+            child.proc = await self.zygote.spawn(argv[3:], str(child.run_dir / "log.txt"))
+        else:
+            log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            child.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+            log.close()
         child.started = time.time()
         child.chaos_killed = False
         self.events.append(
@@ -379,6 +386,11 @@ class LocalRun:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             assert main is not None
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        if self.mode != "netns" and not getattr(self.args, "no_zygote", False):
+            # A peer in a namespace must be exec'd there; everywhere else, fork them warm.
+            # A bad --data-dir fails here, once, before any peer or network exists.
+            self.zygote = Zygote()
+            await self.zygote.start(self.args.dataset or "default", self.args.data_dir)
         if self.mode == "proxy":
             await self._make_proxy()
         check_target(self.actions, self.net, "--chaos")
@@ -404,6 +416,8 @@ class LocalRun:
             await self._settle()
             if isinstance(self.net, ProxyNet):
                 await self.net.close()
+            if self.zygote is not None:
+                await self.zygote.close()
             self._draw(final=True)
 
     async def _settle(self) -> None:

@@ -69,3 +69,19 @@ def test_bad_addresses_and_partition_are_usage_errors():
 def test_eval_of_a_missing_file(tmp_path):
     rc, _, err = run("eval", str(tmp_path / "missing.pt"))
     assert_one_line_error(rc, err, "missing.pt")
+
+
+def test_local_with_a_wrong_data_dir_fails_once_before_starting_peers(tmp_path):
+    rc, _, err = run(
+        "local",
+        "--peers",
+        "3",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "nope"),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert_one_line_error(rc, err, "nope")
+    assert not (tmp_path / "run" / "peer-0").exists()

@@ -172,7 +172,6 @@ class NamespaceNet(FaultNet):
     subnet: str = ""
     _made: bool = False
     _closed: bool = False
-    _groups: int = 0
 
     @property
     def prefix(self) -> str:
@@ -246,10 +245,11 @@ class NamespaceNet(FaultNet):
         """Group 0 stays on the main bridge (with the host); every other group's links go
         down, move to a bridge of that group's own, and come back up there."""
         self.heal()
+        existing = run_cmd("ip", "-o", "link", "show", "type", "bridge")
         for g, members in enumerate(groups[1:], start=1):
-            if g > self._groups:
+            # Another process (a standalone `gossip-train chaos`) may have made it before.
+            if f" {self.bridge(g)}:" not in existing:
                 self._make_bridge(g, None)
-                self._groups = g
             for i in members:
                 self._move(i, g)
 

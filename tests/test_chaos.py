@@ -1,0 +1,306 @@
+"""Failure injection: the fault-injecting proxy, the fault driver, the robustness report, and a
+real chaos run (kill, restart, partition, heal) after which every survivor is accurate."""
+
+import asyncio
+import json
+import subprocess
+
+import pytest
+from conftest import ROOT, cli
+
+import trainer.netns as netns
+from p2p.framing import MsgType
+from p2p.node import Node, NodeConfig
+from p2p.transport import TcpTransport, TransportError
+from trainer.chaos import Action, Driver, ScenarioError, check_target
+from trainer.netns import Bucket, ProxyNet, parse_rate
+from trainer.report import Views, analyse_faults, first_time, stall, training_intervals
+
+# -- the proxy ---------------------------------------------------------------------------------
+
+
+async def status_server(name):
+    node = Node(TcpTransport(), name, NodeConfig(handshake_timeout=0.5))
+
+    async def answer(conn, frame):
+        await conn.send(MsgType.STATUS, {"name": name, "n": frame.header.get("n")})
+
+    node.handlers[MsgType.STATUS_REQ] = answer
+    await node.start("127.0.0.1", 0)
+    return node
+
+
+async def ask(conn, n, timeout=2.0):
+    async with asyncio.timeout(timeout):
+        await conn.send(MsgType.STATUS_REQ, {"n": n})
+        reply = await conn.recv()
+    return reply.header["n"]
+
+
+async def test_the_proxy_cuts_partitions_and_heals():
+    servers = [await status_server(f"peer-{i}") for i in range(3)]
+    proxy = ProxyNet([s.name for s in servers], [s.addr for s in servers])
+    fronts = await proxy.start()
+    caller = Node(TcpTransport(), "peer-0", NodeConfig(handshake_timeout=0.5))
+    tool = Node(TcpTransport(), "gossip-train-cli", NodeConfig(handshake_timeout=0.5))
+    try:
+        to1 = await caller.open(fronts[1])
+        to2 = await caller.open(fronts[2])
+        assert await ask(to1, 1) == 1 and await ask(to2, 2) == 2
+
+        proxy.partition([[0, 2], [1]])
+        with pytest.raises(TimeoutError):  # an open connection across the cut goes silent
+            await ask(to1, 3, timeout=0.5)
+        with pytest.raises(TransportError):  # and a new one never completes its handshake
+            await caller.open(fronts[1], timeout=0.5)
+        assert await ask(to2, 4) == 4  # the same side still talks
+        tool_conn = await tool.open(fronts[1])  # tools (not peers) are never cut
+        assert await ask(tool_conn, 5) == 5
+
+        proxy.heal()
+        assert (await to1.recv()).header["n"] == 3  # the frozen request arrives after all
+        assert await ask(await caller.open(fronts[1]), 6) == 6
+        for conn in (to1, to2, tool_conn):
+            conn.close()
+    finally:
+        await caller.close()
+        await tool.close()
+        await proxy.close()
+        for s in servers:
+            await s.close()
+
+
+async def test_a_capped_link_paces_bytes_at_its_rate(monkeypatch):
+    clock = [100.0]
+    slept = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(netns.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(netns.asyncio, "sleep", fake_sleep)
+    bucket = Bucket(parse_rate("8mbit"))  # 1e6 bytes/s
+    for _ in range(10):
+        await bucket.take(200_000)
+    # 2 MB at 1 MB/s: two seconds, less the one chunk of burst that passes at once.
+    assert sum(slept) == pytest.approx(2.0 - 65536 / 1e6)
+    assert parse_rate("2mbps") == 2e6 and parse_rate("500kbit") == 62500
+    with pytest.raises(ValueError, match="bad rate"):
+        parse_rate("10 megabits")
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+class FakeNet:
+    mode = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def partition(self, groups):
+        self.calls.append(("partition", groups))
+
+    def heal(self):
+        self.calls.append(("heal",))
+
+    def cap(self, index, rate):
+        self.calls.append(("cap", index, rate))
+
+    def uncap(self, index):
+        self.calls.append(("uncap", index))
+
+    def describe(self):
+        return {"mode": self.mode}
+
+
+class FakeTarget:
+    def __init__(self, net=None):
+        self.names = ["a", "b", "c"]
+        self.net = net
+        self.calls = []
+        self.events = []
+
+    def kill(self, name):
+        self.calls.append(("kill", name))
+        return {"pid": 1}
+
+    def restart(self, name):
+        self.calls.append(("restart", name))
+        return {}
+
+    def signal(self, name, sig):
+        self.calls.append(("signal", name, int(sig)))
+        return {}
+
+    def control_addr(self, name):
+        return "127.0.0.1:1"  # nothing listens: the control command fails
+
+    def record(self, event):
+        self.events.append(event)
+
+
+async def test_the_driver_applies_actions_in_order_and_records_each():
+    net = FakeNet()
+    target = FakeTarget(net)
+    actions = [
+        Action(0.0, "kill", ("b",)),
+        Action(0.0, "pause", ("c",)),
+        Action(0.01, "partition", groups=(("a",), ("b", "c"))),
+        Action(0.01, "slow-link", ("a",), rate="1mbit"),
+        Action(0.02, "resume", ("c",)),
+        Action(0.02, "heal"),
+        Action(0.03, "slow-peer", ("a",), factor=2.0),
+        Action(0.03, "restart", ("a",)),
+    ]
+    await Driver(actions, target).run()
+    assert target.calls == [("kill", "b"), ("signal", "c", 19), ("signal", "c", 18),
+                            ("restart", "a")]  # fmt: skip
+    assert net.calls == [("partition", [[0], [1, 2]]), ("cap", 0, "1mbit"), ("heal",)]
+    kinds = [(e["kind"], e["fault"]) for e in target.events]
+    assert (
+        kinds[-2] == ("fault_failed", "slow-peer") and "127.0.0.1:1" in target.events[-2]["error"]
+    )
+    assert [k for k, _ in kinds].count("fault") == 7
+    assert all("elapsed" in e and "source" in e for e in target.events)
+
+
+def test_network_faults_without_a_network_are_refused_before_the_start():
+    with pytest.raises(ScenarioError, match="partition.*--netns"):
+        check_target([Action(1, "partition", groups=(("a",), ("b",)))], None, "s.toml")
+    check_target([Action(1, "kill", ("a",))], None, "s.toml")
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def ev(t, kind, peer=None, **kw):
+    out = {"t": t, "kind": kind, **kw}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
+def swarm_events():
+    """Three peers; b is killed at 10 and restarted; a partition {a} | {b, c} from 20 to 30."""
+    events = [ev(0, "spawned", p) for p in "abc"] + [ev(1, "started", p) for p in "abc"]
+    events += [ev(1.5, "joined", o, subject=s) for o in "abc" for s in "abc" if o != s]
+    events += [
+        ev(10, "fault", fault="kill", peers=["b"]),
+        ev(10.1, "exited", "b", returncode=-9),
+        ev(10.8, "suspect", "a", subject="b"),
+        ev(12.0, "declared_dead", "c", subject="b"),
+        ev(12.5, "spawned", "b"),
+        ev(14, "listening", "b"),
+        ev(14.5, "suspect", "a", subject="b"),  # about the new process: not this fault
+        ev(15, "started", "b"),
+        ev(15.5, "joined", "b", subject="a"),
+        ev(16.0, "alive", "c", subject="b"),
+        ev(16.2, "joined", "b", subject="c"),
+        ev(17.0, "alive", "a", subject="b"),
+        ev(20, "fault", fault="partition", groups=[["a"], ["b", "c"]]),
+        ev(20.6, "suspect", "b", subject="a"),
+        ev(21, "suspect", "a", subject="b"),
+        ev(21.5, "suspect", "a", subject="c"),
+        ev(22, "declared_dead", "c", subject="a"),
+        ev(30, "fault", fault="heal"),
+        ev(33, "alive", "a", subject="b"),
+        ev(34, "alive", "a", subject="c"),
+        ev(34.5, "alive", "b", subject="a"),
+        ev(36, "alive", "c", subject="a"),
+    ]
+    return events
+
+
+def test_detection_heal_and_split_times_come_from_the_membership_events():
+    events = swarm_events()
+    rows = {r["fault"]: r for r in analyse_faults(events, [], ["a", "b", "c"])}
+    assert rows["kill"]["detected_s"] == pytest.approx(0.8)
+    assert rows["kill"]["declared_dead_s"] == pytest.approx(2.0)
+    assert rows["partition"]["detected_s"] == pytest.approx(0.6)
+    assert rows["partition"]["split_s"] == pytest.approx(2.0)  # c declares a dead at 22
+    assert rows["heal"]["whole_s"] == pytest.approx(6.0)  # the last view mends at 36
+    assert first_time(events, 17.5, "whole") == 0.0
+    assert first_time(events, 35, "whole") == pytest.approx(1.0)
+
+
+def test_a_peer_that_restarts_sees_nobody_until_it_joins_again():
+    views = Views()
+    for e in swarm_events():
+        if e["t"] > 12.5:
+            break
+        views.apply(e)
+    assert views.views["b"] == {} and "b" not in views.live
+
+
+def test_stall_is_the_others_longest_gap_while_they_train():
+    events = [ev(0, "started", "a"), ev(0, "started", "b"), ev(50, "finished", "b")]
+    progress = [{"t": t / 2, "peer": "a", "step": t * 10, "total": 1000} for t in range(0, 41)]
+    progress += [{"t": t / 2, "peer": "b", "step": t * 10, "total": 1000} for t in range(0, 21)]
+    progress += [{"t": 14 + t / 2, "peer": "b", "step": 200 + t * 5, "total": 1000}
+                 for t in range(0, 13)]  # fmt: skip
+    intervals = training_intervals(events, progress)
+    s = stall(progress, intervals, 10.0, ["a", "b"], window=10.0)
+    assert s["longest_gap_s"] == pytest.approx(4.0)  # b made no step from 10 to 14
+    assert 0.2 < s["rate_ratio"] < 0.4  # b ran at a quarter, then half its speed
+    assert stall(progress, intervals, 10.0, ["a"], window=5.0)["rate_ratio"] == 1.0
+
+
+# -- a real chaos run --------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_kill_restart_partition_heal_and_every_survivor_is_accurate(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "local",
+            "--peers",
+            "4",
+            "--epochs",
+            "60",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--restart-failed",
+            "--checkpoint-seconds",
+            "1",
+            "--proxy",
+            "--chaos",
+            str(ROOT / "examples" / "scenarios" / "smoke.toml"),
+        ),  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for p in summary["peers"]:
+        assert p["status"] == "finished", p
+        assert p["test_accuracy"] >= 0.90, p
+    assert summary["network"]["mode"] == "proxy"
+    events = summary["events"]
+    faults = [(e["fault"], e.get("peers"), e.get("groups")) for e in events if e["kind"] == "fault"]
+    assert faults == [
+        ("kill", ["peer-1"], None),
+        ("restart", ["peer-2"], None),
+        ("partition", None, [["peer-0", "peer-1"], ["peer-2", "peer-3"]]),
+        ("heal", None, None),
+    ]
+    killed = {e["peer"] for e in events if e["kind"] == "exited" and e["returncode"] == -9}
+    assert killed == {"peer-1", "peer-2"}
+    # Both came back from their checkpoints and caught up with a live neighbour.
+    resumed = {e["peer"] for e in events if e["kind"] == "resumed"}
+    assert resumed == {"peer-1", "peer-2"}
+    assert [p["restarts"] for p in summary["peers"]] == [0, 1, 1, 0]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["invariants_ok"], report["invariants"]
+    assert report["invariants"]["checkpoints_load"]["files"] >= 4
+    rows = {r["fault"]: r for r in report["faults"]}
+    assert rows["kill"]["detected_s"] is not None  # the others noticed the dead peer
+    assert rows["partition"]["detected_s"] is not None
+    assert rows["heal"]["whole_s"] is not None  # and membership mended after the heal
+    assert (run_dir / "report.md").read_text().startswith("# Robustness report")

@@ -50,6 +50,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, help="torch threads per peer (default max(1, cores // local peers))"
     )
     g.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="STEPS",
+        help="report test accuracy every STEPS steps as 'eval' events (default: at the end)",
+    )
 
 
 def add_net_args(p: argparse.ArgumentParser) -> None:
@@ -188,6 +194,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lr",
         "seed",
         "threads",
+        "eval_every",
     )
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 

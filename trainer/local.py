@@ -115,6 +115,7 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         "lr",
         "seed",
         "period",
+        "eval_every",
         "cluster",
         "profile",
     ):

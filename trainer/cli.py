@@ -345,10 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user-facing errors become one line
-        if not is_user_error(exc):
-            raise
-        print(f"gossip-train: error: {exc}", file=sys.stderr)
+        if not is_user_error(exc) or args.verbose >= 2:
+            raise  # a bug, or -vv asked for the traceback
+        print(f"gossip-train: error: {first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -39,6 +39,9 @@ class NodeConfig:
     idle_timeout: float = 120.0
     # Deadline for one one-way send (membership message) including a reconnect.
     oneway_timeout: float = 1.0
+    # Most incoming connections served at once; more are closed on arrival. Each may hold
+    # one frame of up to Limits.max_payload, so this bounds what strangers can make us hold.
+    max_connections: int = 256
 
 
 def refuse(reason: str) -> dict[str, Any]:
@@ -55,6 +58,7 @@ class Node:
         self._pool: dict[str, Connection] = {}
         self._pool_locks: dict[str, asyncio.Lock] = {}
         self._warned: set[str] = set()
+        self._serving = 0
 
     async def start(self, host: str, port: int, advertise: str | None = None) -> tuple[str, int]:
         bound = await self.transport.listen(host, port, self._serve)
@@ -69,6 +73,19 @@ class Node:
 
     # -- server side ---------------------------------------------------------------------
     async def _serve(self, conn: Connection) -> None:
+        if self._serving >= self.config.max_connections:
+            self._warn_once(
+                "too-many", "refusing connections beyond %d", self.config.max_connections
+            )
+            conn.close()
+            return
+        self._serving += 1
+        try:
+            await self._serve_one(conn)
+        finally:
+            self._serving -= 1
+
+    async def _serve_one(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 hello = await conn.recv()

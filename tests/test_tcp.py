@@ -87,3 +87,25 @@ async def test_port_in_use_and_nobody_listening_give_clear_errors():
         raise AssertionError("connected to a closed port")
     except TransportError as exc:
         assert "refused" in str(exc).lower()
+
+
+async def test_connections_beyond_the_limit_are_refused():
+    from p2p.node import NodeConfig
+
+    b = Node(TcpTransport(), "b", NodeConfig(max_connections=2))
+    await b.start("127.0.0.1", 0)
+    a = Node(TcpTransport(), "a")
+    try:
+        kept = [await a.open(b.addr) for _ in range(2)]
+        try:
+            await a.open(b.addr, 1.0)
+            raise AssertionError("a third connection was served")
+        except TransportError:
+            pass
+        kept[0].close()
+        await asyncio.sleep(0.1)
+        (await a.open(b.addr)).close()  # a slot is free again
+        kept[1].close()
+    finally:
+        await a.close()
+        await b.close()

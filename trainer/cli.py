@@ -260,6 +260,7 @@ def validate(cfg: Any) -> None:
 def cmd_peer(args: argparse.Namespace) -> int:
     import torch
 
+    from p2p.framing import Limits
     from p2p.transport import TcpTransport
 
     from .config import default_threads
@@ -271,7 +272,10 @@ def cmd_peer(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.train.threads or default_threads(1))
     trainer = Trainer(cfg.train, cfg.index, cfg.num_peers)
     report = jsonl_reporter() if args.events == "jsonl" else None
-    peer = Peer(cfg, trainer, TcpTransport(), report)
+    # No frame may be larger than a model's weights plus headroom: a garbage length from a
+    # neighbour can then never make this peer allocate more than that.
+    limits = Limits(max_payload=max(64 << 20, 2 * trainer.weights.nbytes))
+    peer = Peer(cfg, trainer, TcpTransport(limits), report)
     result = run_async(peer.run())
     if args.events != "jsonl":
         print(

@@ -20,9 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from gossip.exchange import Exchanger, IncompatiblePeer
 from p2p.framing import Frame, MsgType
 from p2p.membership import JoinError, Membership
@@ -88,7 +85,6 @@ class Peer:
         self.exchange_seconds = 0.0
         self._kick: asyncio.Event | None = None
         self._last_progress = 0.0
-        self._last_exchange_step = 0
         self.stopped_by_signal = False
         self._first_exchange_seen = False
         self._ckpt_peers: list[str] = []  # known peers saved in the checkpoint resumed from
@@ -458,12 +454,3 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-def flat_to_state_dict(model: torch.nn.Module, vector: np.ndarray) -> dict[str, torch.Tensor]:
-    out, pos = {}, 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        out[name] = torch.from_numpy(vector[pos : pos + n].copy()).view_as(p)
-        pos += n
-    return out

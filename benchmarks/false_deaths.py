@@ -12,7 +12,8 @@ Counted per peer, inside the measured window (after everybody met):
 - ``suspect``: suspicions it raised about others, and how often others suspected it;
 - ``alive``: suspicions (or deaths) it saw cleared: a suspect peer's refutation arrived;
 - refutations it sent itself (its log's "refuting suspicion" lines);
-- the worst event-loop lag its membership driver logged, and the health score it set;
+- the worst event-loop lag its membership driver logged, and the lag score it logged with
+  it (one step per half probe timeout; Swim clamps what it uses to awareness_max_multiplier - 1);
 - training done meanwhile (steps, exchanges) and the CPU it got (cores), to show the load.
 
 Run: .venv/bin/python benchmarks/false_deaths.py [--quick] [--peers 8] [--duration 300]
@@ -74,7 +75,7 @@ def peer_row(p: PeerProcess, t0: float, t1: float, cpu0: float, cpu1: float) -> 
         "left": len(window(p, "left", t0, t1)),
         "refutations_sent": sum("refuting suspicion" in line for line in lines),
         "max_loop_lag_s": max((lag for lag, _ in lags), default=0.0),
-        "max_health_score": max((score for _, score in lags), default=0),
+        "max_lag_score": max((score for _, score in lags), default=0),
         "min_alive_seen": min((e["alive"] for e in progress), default=None),
         "steps": last.get("step", 0) - first.get("step", 0),
         "exchanges": last.get("exchanges", 0) - first.get("exchanges", 0),
@@ -179,7 +180,7 @@ def tables(result: dict[str, Any]) -> list[str]:
         "alive",
         "refutations_sent",
         "max_loop_lag_s",
-        "max_health_score",
+        "max_lag_score",
         "min_alive_seen",
         "steps",
         "exchanges",

@@ -500,7 +500,11 @@ def main() -> None:
     if args.peers < 3 or args.kills < 1:
         parser.error("need --peers >= 3 (two survivors) and --kills >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    result = run(args)
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        log.warning("interrupted; every peer process it started has been killed")
+        sys.exit(130)
     emit(result, tables(result), args.json)
 
 

@@ -224,7 +224,11 @@ def main() -> None:
     if args.peers < 2 or args.duration <= 0:
         parser.error("need --peers >= 2 and --duration > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    result = run(args)
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        log.warning("interrupted; every peer process it started has been killed")
+        sys.exit(130)
     emit(result, tables(result), args.json)
 
 

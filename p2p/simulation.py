@@ -74,6 +74,8 @@ class Simulation:
         self.false_deaths: list[dict[str, Any]] = []
         self.sent: Counter[str] = Counter()
         self.sent_total = 0
+        # msgpack bytes of all messages sent; counted only with NetConfig.wire_check.
+        self.bytes_total = 0
         self.dropped = 0
 
     # -- building the group -------------------------------------------------------------
@@ -213,12 +215,14 @@ class Simulation:
     def _send(self, src: str, addr: str, msg: dict[str, Any]) -> None:
         self.sent[src] += 1
         self.sent_total += 1
+        if self.net.wire_check:
+            data = msgpack.packb(msg)
+            self.bytes_total += len(data)
+            msg = msgpack.unpackb(data, raw=False)
         dst = self._by_addr.get(addr)
         if dst is None or not self.reachable(src, dst) or self._rng.random() < self.net.drop:
             self.dropped += 1
             return
-        if self.net.wire_check:
-            msg = msgpack.unpackb(msgpack.packb(msg), raw=False)
         t = self.now + self.net.delay + self._rng.random() * self.net.jitter
         heapq.heappush(self._heap, (t, next(self._counter), _DELIVER, dst, (src, msg)))
 

@@ -540,7 +540,11 @@ class Swim:
 
     def leave(self, now: float) -> list[Out]:
         """Announce a graceful leave (LEFT, not DEAD); stop probing. Keep calling tick()
-        until leave_done() so that gossip carries the news."""
+        until leave_done() so that gossip repeats the news.
+
+        The news goes to every live member at once: a leave happens once per peer, and a
+        member that missed the gossip would later probe us, fail, and call us dead.
+        """
         if self._leaving:
             return []
         self._leaving = True
@@ -551,10 +555,8 @@ class Swim:
         self._next_push_pull = math.inf
         update = {"kind": "left", "name": self.name, "inc": me.incarnation}
         self._enqueue(update)
-        live = self._live_names()
-        targets = self._rng.sample(live, min(len(live), self.config.gossip_nodes))
         msg = self._env("gossip", updates=[update])
-        return [(self._members[n].addr, msg) for n in targets]
+        return [(self._members[n].addr, msg) for n in self._live_names()]
 
     # -- input checks -------------------------------------------------------------------
 
@@ -611,26 +613,28 @@ class Swim:
             raise _Reject("ping for another name", f"{target} from {sender}")
         self._apply(updates, now)
         ups: list[Update] = []
-        if any(u[1] == self.name and u[0] in ("suspect", "dead") for u in updates):
+        if self._accusing(updates):
             # The buddy system told us the pinger suspects us: the answer leads with our
             # (possibly just raised) incarnation, whatever else is queued.
             ups.append(self._self_alive())
+        ups += self._our_view_of(sender, addr)
         ups += self._take(self.config.max_piggyback - len(ups))
         return [(addr, self._env("ack", seq=seq, updates=ups))]
 
     def _h_ack(self, msg: dict[str, Any], sender: str, addr: str, now: float) -> list[Out]:
         seq = _int(msg.get("seq"), "seq")
-        self._apply(self._updates(msg), now)
+        updates = self._updates(msg)
+        self._apply(updates, now)
+        outs = self._answer(addr) if self._accusing(updates) else []
         p = self._probe
+        relay = self._relays.pop(seq, None)
         if p is not None and seq == p.seq:
             self._probe = None
             self._awareness_delta(-1)
-            return []
-        relay = self._relays.pop(seq, None)
-        if relay is None:
-            return []  # a late ack: its probe is already decided
-        ups = self._take(self.config.max_piggyback)
-        return [(relay.origin_addr, self._env("ack", seq=relay.origin_seq, updates=ups))]
+        elif relay is not None:
+            ups = self._take(self.config.max_piggyback)
+            outs.append((relay.origin_addr, self._env("ack", seq=relay.origin_seq, updates=ups)))
+        return outs  # an ack for neither is late: its probe is already decided
 
     def _h_ping_req(self, msg: dict[str, Any], sender: str, addr: str, now: float) -> list[Out]:
         seq = _int(msg.get("seq"), "seq")
@@ -656,8 +660,9 @@ class Swim:
         return []
 
     def _h_gossip(self, msg: dict[str, Any], sender: str, addr: str, now: float) -> list[Out]:
-        self._apply(self._updates(msg), now)
-        return []
+        updates = self._updates(msg)
+        self._apply(updates, now)
+        return self._answer(addr) if self._accusing(updates) else []
 
     def _h_push_pull(self, msg: dict[str, Any], sender: str, addr: str, now: float) -> list[Out]:
         raw = _list(msg.get("members"), "members")
@@ -674,10 +679,30 @@ class Swim:
                 self._enqueue(self._self_alive())
             self._joined = True
             self._next_join = math.inf
-            return []
+            accused = any(e[0] == self.name and e[3] != State.ALIVE for e in entries)
+            return self._answer(addr) if accused else []
         if join:
             log.debug("%s: %s at %s joins through us", self.name, sender, addr)
         return [(addr, self._push_pull_msg(reply=True, join=False))]
+
+    def _accusing(self, updates: list[ParsedUpdate]) -> bool:
+        return any(u[1] == self.name and u[0] in ("suspect", "dead") for u in updates)
+
+    def _answer(self, addr: str) -> list[Out]:
+        """Tell whoever just accused us, directly, that we are alive (and at which
+        incarnation): it holds an old view of us and may have missed our refutation."""
+        if self._leaving:
+            return []
+        return [(addr, self._env("gossip", updates=[self._self_alive()]))]
+
+    def _our_view_of(self, name: str, addr: str) -> list[Update]:
+        """When a member we hold suspect or dead pings us, the ack tells it so: it may be
+        alive, and has no other way to learn that it must refute."""
+        m = self._members.get(name)
+        if m is None or m.addr != addr or m.state not in (State.SUSPECT, State.DEAD):
+            return []
+        kind = "suspect" if m.state == State.SUSPECT else "dead"
+        return [{"kind": kind, "name": name, "inc": m.incarnation, "by": self.name}]
 
     _handlers = {
         "ping": _h_ping,
@@ -803,8 +828,12 @@ class Swim:
             self._accused(inc)
             return
         m = self._members.get(name)
-        if m is None or inc < m.incarnation or m.state in GONE:
+        if m is None or inc < m.incarnation or m.state == State.LEFT:
             return
+        if m.state == State.DEAD and not left:
+            return
+        # DEAD -> LEFT is allowed: someone who missed the leave and probed in vain must not
+        # keep a graceful departure on record as a death.
         m.incarnation = inc
         self._suspicions.pop(name, None)
         if left:

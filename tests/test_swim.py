@@ -344,6 +344,20 @@ def test_last_call_saves_a_member_whose_refutation_was_missed() -> None:
     assert a.state_of("b") == State.ALIVE and a.alive()[0].incarnation == 1
 
 
+def test_a_member_we_hold_dead_learns_it_from_our_ack() -> None:
+    swims = cluster("ab")
+    a, b = swims["a"], swims["b"]
+    a.on_message(
+        env("c", "gossip", updates=[{"kind": "dead", "name": "b", "inc": 0, "by": "c"}]), 1
+    )
+    (ack,) = a.on_message(wire(env("b", "ping", seq=5, target="a", updates=[])), 2.0)
+    assert ack[1]["updates"][0] == {"kind": "dead", "name": "b", "inc": 0, "by": "a"}
+    (answer,) = b.on_message(wire(ack[1]), 2.0)
+    assert answer[0] == addr("a") and b.incarnation == 1
+    a.on_message(wire(answer[1]), 2.0)
+    assert a.state_of("b") == State.ALIVE
+
+
 def test_ping_for_another_name_is_not_answered() -> None:
     b = node("b")
     assert b.on_message(env("a", "ping", seq=1, target="old-b", updates=[]), 0.0) == []
@@ -433,16 +447,26 @@ def test_restart_with_higher_incarnation_comes_back() -> None:
         env("c", "gossip", updates=[{"kind": "dead", "name": "b", "inc": 0, "by": "c"}]), 1
     )
     assert a.state_of("b") == State.DEAD
-    same = node("b", now=2.0, inc=0, seed=5)  # a restart that forgot to raise its incarnation
-    deliver({"a": a, "b": same}, same.join([addr("a")], 2.0), 2.0)
+    # A restart under the same incarnation is not believed by itself ...
+    same = node("b", now=2.0, inc=0, seed=5)
+    outs = same.join([addr("a")], 2.0)
+    (reply,) = a.on_message(wire(outs[0][1]), 2.0)
     assert a.state_of("b") == State.DEAD
-    assert same.incarnation == 1  # it heard it was dead and refuted
-    fresh = node("b", now=3.0, inc=7, seed=6)
-    deliver({"a": a, "b": fresh}, fresh.join([addr("a")], 3.0), 3.0)
+    # ... but the reply tells it that it is dead, it refutes, and says so to a directly.
+    (answer,) = same.on_message(wire(reply[1]), 2.0)
+    assert same.incarnation == 1 and answer[0] == addr("a")
+    a.on_message(wire(answer[1]), 2.0)
     assert a.state_of("b") == State.ALIVE
     back = [e for e in a.drain_events() if e["kind"] == "alive"]
     assert back[-1]["subject"] == "b" and back[-1]["previous"] == "dead"
-    assert back[-1]["incarnation"] == 7
+    assert back[-1]["incarnation"] == 1
+    # A restart that raised its incarnation is believed at once.
+    a.on_message(
+        env("c", "gossip", updates=[{"kind": "dead", "name": "b", "inc": 1, "by": "c"}]), 3
+    )
+    fresh = node("b", now=3.0, inc=7, seed=6)
+    deliver({"a": a, "b": fresh}, fresh.join([addr("a")], 3.0), 3.0)
+    assert a.state_of("b") == State.ALIVE and a.alive()[0].incarnation == 7
 
 
 def test_new_address_only_after_the_old_one_is_dead() -> None:
@@ -466,9 +490,9 @@ def test_dead_members_are_reaped() -> None:
     a.on_message(
         env("c", "gossip", updates=[{"kind": "dead", "name": "b", "inc": 0, "by": "c"}]), 1
     )
-    run(swims, "a", 50.0)
+    run(swims, "a", 50.0, drop={"b"})
     assert a.state_of("b") == State.DEAD
-    run(swims, "a", 110.0)
+    run(swims, "a", 110.0, drop={"b"}, now=50.0)
     assert a.state_of("b") is None
 
 

@@ -101,10 +101,15 @@ def test_pauses_short_and_long() -> None:
     sim.pause(names[8])
     assert sim.run_until(lambda: sim.agree(names[8], State.DEAD), timeout=60.0)
     sim.resume(names[8])
+    resumed = sim.now
     assert sim.run_until(sim.converged, timeout=30.0)
     assert sim.nodes[names[8]].incarnation >= 1
-    back = [e for e in sim.events if e["kind"] == "alive" and e["subject"] == names[8]]
-    assert {e["previous"] for e in back} == {"dead"}
+    back = {
+        e["at"]: e["previous"]
+        for e in sim.events
+        if e["kind"] == "alive" and e["subject"] == names[8] and e["t"] >= resumed
+    }
+    assert back == {n: "dead" for n in sim.up() if n != names[8]}
     assert_no_false_deaths(sim)
 
 

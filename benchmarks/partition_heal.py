@@ -87,6 +87,8 @@ def train_flags(args: argparse.Namespace) -> list[str]:
     if args.data:
         flags += ["--dataset", "mnist", "--data-dir", str(args.data)]
     flags += ["--netns"] if args.net == "netns" else ["--proxy"]
+    for setting in args.sysctl or []:
+        flags += ["--netns-sysctl", setting]
     return flags
 
 
@@ -132,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_MNIST)
     p.add_argument("--net", choices=("netns", "proxy"), default=None)
     p.add_argument("--no-noise", action="store_true", help="skip the second no-fault run")
+    p.add_argument(
+        "--sysctl", action="append", metavar="KEY=VALUE", help="per-host kernel setting (netns)"
+    )
+    p.add_argument(
+        "--reuse-baseline", type=Path, metavar="DIR", help="an earlier baseline run (same flags)"
+    )
     p.add_argument("--keep", type=Path, help="keep the run folders here")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -146,11 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     try:
         flags = train_flags(args)
-        base = run_local(flags, work / "baseline", 1800)
+        base_dir = args.reuse_baseline or work / "baseline"
+        if args.reuse_baseline:
+            base = {"summary": json.loads((base_dir / "summary.json").read_text()), "wall_s": None}
+        else:
+            base = run_local(flags, base_dir, 1800)
         rows = []
         for k in range(args.trials):
             run_dir = work / f"trial-{k}"
-            run = run_local([*flags, *chaos, "--baseline", str(work / "baseline")], run_dir, 1800)
+            run = run_local([*flags, *chaos, "--baseline", str(base_dir)], run_dir, 1800)
             rows.append(trial_row(k, run, base["summary"]))
             log.info("trial %d: %s", k, rows[-1])
         noise = None

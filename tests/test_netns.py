@@ -14,7 +14,14 @@ import time
 import pytest
 from conftest import ROOT, cli
 
-from trainer.netns import NamespaceNet, cleanup_stale, netns_available, owned_names, run_cmd
+from trainer.netns import (
+    NamespaceNet,
+    NetnsConfig,
+    cleanup_stale,
+    netns_available,
+    owned_names,
+    run_cmd,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -56,7 +63,7 @@ def gone(pid):
 
 @needs_netns
 def test_hosts_partition_heal_cap_and_cleanup():
-    net = NamespaceNet(3).create()
+    net = NamespaceNet(3, NetnsConfig(sysctls=("net.ipv4.tcp_retries2=5",))).create()
     servers = []
     try:
         for i in range(3):
@@ -67,8 +74,12 @@ def test_hosts_partition_heal_cap_and_cleanup():
             )
             servers.append(p)
             assert p.stdout.readline().strip() == "ready"
-        # Each host has its own address, and the same port 9000 on each.
+        # Each host has its own address, and the same port 9000 on each; and its own kernel
+        # settings (the host's own are untouched).
         assert len({net.ip(i) for i in range(3)}) == 3
+        retries = run_cmd(*net.exec_argv(2), "sysctl", "-n", "net.ipv4.tcp_retries2")
+        assert retries.strip() == "5"
+        assert run_cmd("sysctl", "-n", "net.ipv4.tcp_retries2").strip() != "5"
         assert reach(net, 0, 1) and reach(net, 1, 2) and reach(net, 2, 0)
 
         net.partition([[0], [1, 2]])

@@ -734,6 +734,12 @@ def add_local_args(p: Any) -> None:
         help="each peer in its own network namespace with its own IP (needs root)",
     )
     g.add_argument(
+        "--netns-sysctl",
+        action="append",
+        metavar="KEY=VALUE",
+        help="kernel setting inside every peer's namespace, e.g. net.ipv4.tcp_retries2=5",
+    )
+    g.add_argument(
         "--proxy",
         action="store_true",
         help="route peer traffic through the fault-injecting TCP proxy (the default for "

@@ -27,7 +27,7 @@ from typing import Any
 
 from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
 from .config import default_threads
-from .netns import FaultNet, NamespaceNet, NetError, ProxyNet, netns_available
+from .netns import FaultNet, NamespaceNet, NetError, NetnsConfig, ProxyNet, netns_available
 from .zygote import Zygote
 
 GRACE_SECONDS = 5.0
@@ -172,7 +172,8 @@ class LocalRun:
         ok, why = netns_available()
         if not ok:
             raise NetError(f"--netns: {why}")
-        net = NamespaceNet(len(self.children))
+        sysctls = tuple(getattr(self.args, "netns_sysctl", None) or ())
+        net = NamespaceNet(len(self.children), NetnsConfig(sysctls=sysctls))
         self.net = net
         net.guard()
         net.create()

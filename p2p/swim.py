@@ -23,7 +23,8 @@ How it works (docs/membership.md has the long version):
   probe interval stretch by ``score + 1``.
 
 Messages are plain dicts of msgpack-able primitives, each with ``type``, ``from`` (the sender's
-name) and ``addr`` (where it listens):
+name), ``addr`` (where it listens) and ``inc`` (its incarnation; optional on input, and taken
+as the sender's own alive claim):
 
     ping      seq, target (name), updates        -> ack to the sender
     ack       seq, updates
@@ -511,11 +512,15 @@ class Swim:
     def on_message(self, msg: object, now: float) -> list[Out]:
         """Handle one incoming message; anything malformed is dropped (see module doc)."""
         try:
-            kind, sender, addr = self._envelope(msg)
+            kind, sender, addr, inc = self._envelope(msg)
             handler = self._handlers.get(kind)
             if handler is None:
                 raise _Reject("unknown message type", repr(kind)[:40])
             assert isinstance(msg, dict)
+            if inc is not None:
+                # Every message is the sender's own word that it is alive at ``inc``: a ping
+                # from a newcomer introduces it, one from a refuted member clears it.
+                self._on_alive(sender, addr, inc, now)
             return handler(self, msg, sender, addr, now)
         except _Reject as e:
             self._note(e.category, e.detail)
@@ -560,7 +565,7 @@ class Swim:
 
     # -- input checks -------------------------------------------------------------------
 
-    def _envelope(self, msg: object) -> tuple[str, str, str]:
+    def _envelope(self, msg: object) -> tuple[str, str, str, int | None]:
         if not isinstance(msg, dict):
             raise _Reject("message is not a map", type(msg).__name__)
         kind = msg.get("type")
@@ -570,7 +575,8 @@ class Swim:
         addr = _name(msg.get("addr"), "addr")
         if sender == self.name:
             raise _Reject("message claims our own name", f"{sender} at {addr}")
-        return kind, sender, addr
+        inc = msg.get("inc")
+        return kind, sender, addr, None if inc is None else _int(inc, "inc")
 
     def _note(self, category: str, detail: str) -> None:
         """Count a dropped input; warn on the first of its kind only."""
@@ -1087,4 +1093,10 @@ class Swim:
         return {"kind": "alive", "name": self.name, "addr": self.addr, "inc": self.incarnation}
 
     def _env(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"type": kind, "from": self.name, "addr": self.addr, **fields}
+        return {
+            "type": kind,
+            "from": self.name,
+            "addr": self.addr,
+            "inc": self.incarnation,
+            **fields,
+        }

@@ -94,6 +94,7 @@ def kinds(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def env(sender: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """A message from ``sender``; without ``inc=`` it makes no claim about the sender."""
     return {"type": kind, "from": sender, "addr": addr(sender), **fields}
 
 
@@ -281,7 +282,7 @@ def test_helper_nacks_when_the_target_stays_silent() -> None:
     assert of_type(outs, "ping")
     assert not of_type(swims["c"].tick(10.0 + 0.8 * LAN.probe_timeout - 0.01), "nack")
     nacks = of_type(swims["c"].tick(10.0 + 0.8 * LAN.probe_timeout), "nack")
-    assert nacks == [(addr("a"), env("c", "nack", seq=77))]
+    assert nacks == [(addr("a"), env("c", "nack", seq=77, inc=0))]
 
 
 def test_nacks_spare_our_own_health() -> None:
@@ -356,6 +357,20 @@ def test_a_member_we_hold_dead_learns_it_from_our_ack() -> None:
     assert answer[0] == addr("a") and b.incarnation == 1
     a.on_message(wire(answer[1]), 2.0)
     assert a.state_of("b") == State.ALIVE
+
+
+def test_every_message_speaks_for_its_sender() -> None:
+    a = node("a")
+    a.on_message(wire(env("z", "ping", seq=1, target="a", updates=[], inc=3)), 1.0)
+    assert [(m.name, m.incarnation) for m in a.alive()] == [("z", 3)]
+    assert kinds(a.drain_events()) == [("joined", "z")]
+    # The same incarnation cannot clear a suspicion; a higher one can.
+    suspect = {"kind": "suspect", "name": "z", "inc": 3, "by": "c"}
+    a.on_message(env("c", "gossip", updates=[suspect]), 2.0)
+    a.on_message(wire(env("z", "gossip", updates=[], inc=3)), 2.1)
+    assert a.state_of("z") == State.SUSPECT
+    a.on_message(wire(env("z", "gossip", updates=[], inc=4)), 2.2)
+    assert a.state_of("z") == State.ALIVE
 
 
 def test_ping_for_another_name_is_not_answered() -> None:
@@ -559,6 +574,8 @@ def test_every_output_is_msgpack_safe() -> None:
 GOOD = env("x", "gossip", updates=[])
 BAD: list[tuple[Any, str]] = [
     (None, "message is not a map"),
+    ({**GOOD, "inc": -1}, "bad field 'inc'"),
+    ({**GOOD, "inc": "7"}, "bad field 'inc'"),
     (b"\x00\x01", "message is not a map"),
     ([1, 2], "message is not a map"),
     ({}, "bad field 'type'"),

@@ -185,7 +185,8 @@ class Membership:
         self._lag_at = now
         # One step per half probe timeout: a lag that eats half the time an ack is given
         # doubles the timeouts, so our own slowness is not taken for a dead peer.
-        score = int(self._lag / (self.swim.config.probe_timeout / 2))
+        top = self.swim.config.awareness_max_multiplier - 1
+        score = min(top, int(self._lag / (self.swim.config.probe_timeout / 2)))
         if score != self.lag_score:
             if score > self.lag_score:
                 log.info(

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,25 @@ class Life:
         return self.stderr.read_text(errors="replace")[-2000:]
 
 
+Spawn = Callable[..., Life]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start peer processes that are killed at teardown if a failed test left them running."""
+    lives: list[Life] = []
+
+    def start(args: list[str], stderr: Path, wrap: list[str] | None = None) -> Life:
+        lives.append(Life(args, stderr, wrap))
+        return lives[-1]
+
+    yield start
+    for life in lives:
+        out = life.proc.stdout
+        if life.proc.poll() is None or (out is not None and not out.closed):
+            life.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,14 +153,14 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_while_checkpointing_then_resume_replays_the_uninterrupted_run(
-    tmp_path: Path,
+    tmp_path: Path, spawn: Spawn
 ) -> None:
     """Killed four times at random moments while it writes a checkpoint after every step,
     a peer leaves only loadable checkpoints, resumes each time from the newest one under a
     higher incarnation, and ends with exactly the weights of a run that was never killed:
     same data position, same optimizer state, same RNG after every resume."""
     train = ["--epochs", "4", "--linger", "0"]
-    reference = Life([*train, "--run-dir", str(tmp_path / "ref")], tmp_path / "ref.err")
+    reference = spawn([*train, "--run-dir", str(tmp_path / "ref")], tmp_path / "ref.err")
     ckdir = tmp_path / "ck"
     args = [
         *train,
@@ -159,7 +178,7 @@ def test_sigkill_while_checkpointing_then_resume_replays_the_uninterrupted_run(
     temps_left: set[str] = set()
     kills_mid_write = 0
     for life_no in range(4):
-        life = Life(args, tmp_path / f"life{life_no}.err")
+        life = spawn(args, tmp_path / f"life{life_no}.err")
         started = life.wait_for("started")
         resumed = life.of("resumed")
         if newest is None:
@@ -182,7 +201,7 @@ def test_sigkill_while_checkpointing_then_resume_replays_the_uninterrupted_run(
     # A write takes several steps' time, so most kills land inside one.
     assert kills_mid_write >= 1
 
-    last = Life(args, tmp_path / "last.err")
+    last = spawn(args, tmp_path / "last.err")
     resumed = last.wait_for("resumed")
     assert (resumed["step"], resumed["incarnation"]) == (newest, 4)
     done = last.wait_for("finished")
@@ -329,7 +348,7 @@ def newest_peers(ckdir: Path) -> list[str]:
 
 
 def test_newcomer_starts_from_the_swarm_and_a_restarted_seed_rejoins_on_its_own(
-    tmp_path: Path,
+    tmp_path: Path, spawn: Spawn
 ) -> None:
     seed_addr = f"127.0.0.1:{free_port()}"
     new_addr = f"127.0.0.1:{free_port()}"
@@ -350,59 +369,51 @@ def test_newcomer_starts_from_the_swarm_and_a_restarted_seed_rejoins_on_its_own(
         "--checkpoint-every",
         "20",
     ]
-    seed = Life(seed_args, tmp_path / "seed.err")
-    lives = [seed]
-    try:
-        first_loss = seed.wait_for("progress")["loss"]
-        assert first_loss > 2.0  # random init on 10 classes: about ln 10
-        seed.wait_for("progress", lambda e: e["step"] >= 200)
-        newcomer = Life(
-            [
-                *common,
-                "--name",
-                "newcomer",
-                "--index",
-                "1",
-                "--listen",
-                new_addr,
-                "--join",
-                seed_addr,
-                "--run-dir",
-                str(tmp_path / "newcomer"),
-            ],
-            tmp_path / "newcomer.err",
-        )
-        lives.append(newcomer)
-        pulled = newcomer.wait_for("caught_up")
-        assert pulled["source"] == seed_addr and pulled["remote_step"] >= 200
-        # Its very first step already starts from the swarm's weights, not from scratch.
-        assert newcomer.wait_for("progress")["loss"] < 1.0
+    seed = spawn(seed_args, tmp_path / "seed.err")
+    first_loss = seed.wait_for("progress")["loss"]
+    assert first_loss > 2.0  # random init on 10 classes: about ln 10
+    seed.wait_for("progress", lambda e: e["step"] >= 200)
+    newcomer = spawn(
+        [
+            *common,
+            "--name",
+            "newcomer",
+            "--index",
+            "1",
+            "--listen",
+            new_addr,
+            "--join",
+            seed_addr,
+            "--run-dir",
+            str(tmp_path / "newcomer"),
+        ],
+        tmp_path / "newcomer.err",
+    )
+    pulled = newcomer.wait_for("caught_up")
+    assert pulled["source"] == seed_addr and pulled["remote_step"] >= 200
+    # Its very first step already starts from the swarm's weights, not from scratch.
+    assert newcomer.wait_for("progress")["loss"] < 1.0
 
-        # The seed was started without --join; its checkpoints remember the newcomer.
-        deadline = time.monotonic() + 60
-        while new_addr not in newest_peers(ckdir):
-            assert time.monotonic() < deadline, "checkpoint never listed the newcomer"
-            time.sleep(0.1)
-        assert seed.kill() == -signal.SIGKILL
-        again = Life(seed_args, tmp_path / "seed-again.err")  # the same command line
-        lives.append(again)
-        resumed = again.wait_for("resumed")
-        assert resumed["incarnation"] == 1
-        assert again.wait_for("joined")["subject"] == "newcomer"
-        assert again.wait_for("caught_up")["source"] == new_addr
-        again.wait_for("progress", lambda e: e["exchanges"] > 0)
-        seen = members_of(new_addr)["seed"]
-        assert seen["state"] == "alive" and seen["incarnation"] >= 1
+    # The seed was started without --join; its checkpoints remember the newcomer.
+    deadline = time.monotonic() + 60
+    while new_addr not in newest_peers(ckdir):
+        assert time.monotonic() < deadline, "checkpoint never listed the newcomer"
+        time.sleep(0.1)
+    assert seed.kill() == -signal.SIGKILL
+    again = spawn(seed_args, tmp_path / "seed-again.err")  # the same command line
+    resumed = again.wait_for("resumed")
+    assert resumed["incarnation"] == 1
+    assert again.wait_for("joined")["subject"] == "newcomer"
+    assert again.wait_for("caught_up")["source"] == new_addr
+    again.wait_for("progress", lambda e: e["exchanges"] > 0)
+    seen = members_of(new_addr)["seed"]
+    assert seen["state"] == "alive" and seen["incarnation"] >= 1
 
-        for life in (again, newcomer):
-            life.proc.send_signal(signal.SIGTERM)
-        for life in (again, newcomer):
-            assert life.wait_for("finished")["status"] == "stopped"
-            assert life.close(60.0) == 0, life.err_tail()
-    finally:
-        for life in lives:
-            if life.proc.poll() is None:
-                life.kill()
+    for life in (again, newcomer):
+        life.proc.send_signal(signal.SIGTERM)
+    for life in (again, newcomer):
+        assert life.wait_for("finished")["status"] == "stopped"
+        assert life.close(60.0) == 0, life.err_tail()
 
 
 # ---------------------------------------------------------------- bad input
@@ -507,7 +518,7 @@ def test_bad_checkpoint_input_is_refused_by_name_and_nothing_is_overwritten(
 
 
 def test_truncated_newest_checkpoint_is_skipped_kept_aside_and_named_by_eval(
-    trained: Path, tmp_path: Path
+    trained: Path, tmp_path: Path, spawn: Spawn
 ) -> None:
     ck = shutil.copytree(trained, tmp_path / "ck")
     newest = ck / "ckpt-000000188.pt"
@@ -516,7 +527,7 @@ def test_truncated_newest_checkpoint_is_skipped_kept_aside_and_named_by_eval(
     newest.write_bytes(cut)
     loose = tmp_path / "loose.pt"
     loose.write_bytes(cut)
-    life = Life(
+    life = spawn(
         ["--epochs", "0.5", "--run-dir", str(tmp_path / "run"), "--checkpoint-dir", str(ck)],
         tmp_path / "err.txt",
     )

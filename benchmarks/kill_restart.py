@@ -12,7 +12,7 @@ checkpoint every ``--checkpoint-seconds``; a killed peer is started again by the
 after 1 s and resumes from its newest checkpoint. ``--epochs`` is chosen so that training
 lasts about three minutes on a 2-core machine.
 
-Run: .venv/bin/python benchmarks/kill_restart.py [--quick] [--peers 4] [--epochs 100]
+Run: .venv/bin/python benchmarks/kill_restart.py [--quick] [--peers 4] [--epochs 120]
      [--data ../shared/data/mnist] [--net netns|loopback] [--chaos-seed N] [--keep DIR]
      [--json out.json]
 """
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="bundled data, ~1 minute, kill every 10 s")
     p.add_argument("--peers", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=100)
+    p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-seconds", type=float, default=5.0)
     p.add_argument("--chaos-seed", type=int, help="another draw of victims (default: file's 20)")

@@ -304,3 +304,72 @@ def test_kill_restart_partition_heal_and_every_survivor_is_accurate(tmp_path):
     assert rows["partition"]["detected_s"] is not None
     assert rows["heal"]["whole_s"] is not None  # and membership mended after the heal
     assert (run_dir / "report.md").read_text().startswith("# Robustness report")
+
+
+@pytest.mark.real
+def test_the_standalone_tool_drives_a_peer_it_did_not_start(tmp_path):
+    peer = subprocess.Popen(
+        cli(
+            "peer",
+            "--listen",
+            "127.0.0.1:0",
+            "--epochs",
+            "200",
+            "--events",
+            "jsonl",
+            "--allow-control",
+            "--run-dir",
+            str(tmp_path / "p"),
+        ),  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        events = []
+        while not events or events[-1]["kind"] != "started":
+            line = peer.stdout.readline()
+            assert line, "the peer ended before it started training"
+            events.append(json.loads(line))
+        addr = events[0]["addr"]
+        proc = subprocess.run(
+            cli(
+                "chaos",
+                "--peer",
+                f"solo={peer.pid}@{addr}",
+                "--fault",
+                "at=0 kind=pause peer=solo for=0.5",
+                "--fault",
+                "at=1 kind=slow-peer peer=solo factor=2.5 for=0.5",
+            ),  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(x) for x in proc.stdout.splitlines()]
+        assert lines[0]["kind"] == "chaos_plan" and lines[0]["mode"] == "process"
+        assert [(e["kind"], e["fault"]) for e in lines[1:]] == [
+            ("fault", "pause"), ("fault", "resume"), ("fault", "slow-peer"),
+            ("fault", "unslow-peer"),
+        ]  # fmt: skip
+        assert lines[3]["reply"] == {"op": "slowdown", "factor": 2.5}
+        peer.terminate()
+        out, _ = peer.communicate(timeout=60)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.communicate()
+    slowdowns = [json.loads(x)["factor"] for x in out.splitlines() if '"slowdown"' in x]
+    assert slowdowns == [2.5, 1.0]
+    # Without --run-dir there is no network to cut: refused before anything happens.
+    proc = subprocess.run(
+        cli("chaos", "--peer", "solo=1@127.0.0.1:9", "--fault", "at=0 kind=heal"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--netns" in proc.stderr, proc.stderr

@@ -113,6 +113,13 @@ def test_random_partitions_split_in_halves():
         if a.kind == "partition":
             assert sorted(len(g) for g in a.groups) == [2, 2]
             assert sorted(p for g in a.groups for p in g) == NAMES
+    # Peers that are not candidates stay together, apart from both halves.
+    some = scenario_from_flags([], ["kind=partition every=10 count=1 duration=2 peers=[0,1]"])
+    groups = plan(some, NAMES)[0].groups
+    assert sorted(groups) == [("peer-0",), ("peer-1",), ("peer-2", "peer-3")]
+    one = scenario_from_flags([], ["kind=partition every=10 count=1 duration=2 peers=[3]"])
+    with pytest.raises(ScenarioError, match="two or more"):
+        plan(one, NAMES)
 
 
 @pytest.mark.parametrize(

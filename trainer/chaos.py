@@ -401,22 +401,28 @@ def plan(scenario: Scenario, names: Sequence[str], seed: int | None = None) -> l
         actions += _expand(f.at, f.kind, _resolve(f.params, names, f.where), f.params, f.where)
     for n, r in enumerate(scenario.randoms, start=1):
         pool = [_name(p, names, r.where) for p in r.peers] or list(names)
+        if r.kind == "partition" and len(pool) < 2:
+            raise ScenarioError(f"{r.where}: a random partition needs two or more peers")
+        rest = tuple(p for p in names if p not in pool)
         t = r.start + rng.uniform(-r.jitter, r.jitter)
         for k in range(r.count):
             if t > r.until:
                 break
-            target = _draw(r.kind, pool, rng)
+            target = _draw(r.kind, pool, rest, rng)
             source = f"random #{n}.{k + 1} ({r.where})"
             actions += _expand(max(0.0, t), r.kind, target, r.params, source)
             t += r.every + rng.uniform(-r.jitter, r.jitter)
     return sorted(actions, key=lambda a: a.at)
 
 
-def _draw(kind: str, pool: list[str], rng: random.Random) -> dict[str, Any]:
+def _draw(kind: str, pool: list[str], rest: tuple[str, ...], rng: random.Random) -> dict[str, Any]:
+    """A random victim, or for a partition the candidates split in two random halves (the
+    peers that are not candidates form a third group, as unlisted peers always do)."""
     if kind == "partition":
         shuffled = rng.sample(pool, len(pool))
         half = len(shuffled) // 2
-        return {"groups": (tuple(sorted(shuffled[:half])), tuple(sorted(shuffled[half:])))}
+        groups = (tuple(sorted(shuffled[:half])), tuple(sorted(shuffled[half:])))
+        return {"groups": groups + ((rest,) if rest else ())}
     return {"peers": (rng.choice(pool),)}
 
 

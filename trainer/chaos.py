@@ -771,8 +771,9 @@ def add_local_args(p: Any) -> None:
     )
 
 
-def _add_fault_args(g: Any) -> None:
-    g.add_argument("--chaos", metavar="SCENARIO", help="TOML file of faults (docs/chaos.md)")
+def _add_fault_args(g: Any, file_flag: bool = True) -> None:
+    if file_flag:
+        g.add_argument("--chaos", metavar="SCENARIO", help="TOML file of faults (docs/chaos.md)")
     g.add_argument(
         "--fault",
         action="append",
@@ -812,4 +813,4 @@ def add_chaos_parser(sub: Any) -> None:
         action="store_true",
         help="remove namespaces and links that killed runs left behind, then go on",
     )
-    _add_fault_args(p)
+    _add_fault_args(p, file_flag=False)

@@ -232,6 +232,9 @@ def one_kill(swarm: Swarm, victim: int, rng: random.Random) -> dict[str, Any]:
     for kind in EVENTS:
         ev = life.first(kind)
         row[f"{kind}_s"] = None if ev is None else ev["ts"] - life.started
+    # The part recovery itself owns: from listening (interpreter, torch, data and checkpoint
+    # loaded) to the first exchange.
+    row["listening_to_rotation_s"] = t_rot - life.started - row["listening_s"]
     row.update(
         step_at_kill=int(before["step"]),
         resumed_step=int(resumed["step"]),
@@ -368,8 +371,14 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
             raise RuntimeError(f"summary and kills disagree: {row} vs {kill}")
         row.update(kill)
     fx = [r["first_exchange_s"] for r in rows if r["first_exchange_s"] is not None]
+    tail = [
+        r["first_exchange_s"] - r["resumed_s"]
+        for r in rows
+        if r["first_exchange_s"] is not None and r["resumed_s"] is not None
+    ]
     return {
         "kills": rows,
+        "resumed_to_exchange_max_s": max(tail) if tail else None,
         "first_exchange_median_s": statistics.median(fx) if fx else None,
         "first_exchange_max_s": max(fx) if fx else None,
         "lost_steps_max": max(r["lost_steps"] for r in rows),
@@ -397,10 +406,13 @@ def measure(peers: int, kills: int, every: int, seed: int, base: Path) -> dict[s
     finally:
         swarm.stop()
     rot = [r["rotation_s"] for r in rows]
+    tail = [r["listening_to_rotation_s"] for r in rows]
     return {
         "kills": rows,
         "rotation_median_s": statistics.median(rot),
         "rotation_max_s": max(rot),
+        "listening_to_rotation_median_s": statistics.median(tail),
+        "listening_to_rotation_max_s": max(tail),
         "lost_steps_max": max(r["lost_steps"] for r in rows),
         "lost_s_max": max(r["lost_s"] for r in rows),
         "torch_import_s": torch_import_seconds(),
@@ -417,6 +429,7 @@ def peer_table(result: dict[str, Any], every: int) -> str:
             r["victim"],
             *(_cell(r[f"{kind}_s"]) for kind in EVENTS),
             r["rotation_s"],
+            r["listening_to_rotation_s"],
             r["lost_steps"],
             every,
             r["lost_s"],
@@ -426,7 +439,16 @@ def peer_table(result: dict[str, Any], every: int) -> str:
     ]
     head = [f"{kind.replace('_', ' ')} s" for kind in EVENTS]
     return markdown_table(
-        ["victim", *head, "rotation s", "lost steps", "interval steps", "lost s", "interval s"],
+        [
+            "victim",
+            *head,
+            "rotation s",
+            "listening to rotation s",
+            "lost steps",
+            "interval steps",
+            "lost s",
+            "interval s",
+        ],
         rows,
     )
 
@@ -473,6 +495,14 @@ def target_table(out: dict[str, Any], every: int) -> str:
                 "yes" if r["rotation_max_s"] <= 3.0 else "no",
             ]
         )
+        rows.append(
+            [
+                "fresh `gossip-train peer`: listening to first exchange",
+                f"worst {r['listening_to_rotation_max_s']:.2f} s, median "
+                f"{r['listening_to_rotation_median_s']:.2f} s",
+                "",
+            ]
+        )
     if "local" in out and out["local"]["first_exchange_max_s"] is not None:
         r = out["local"]
         rows.append(
@@ -483,6 +513,14 @@ def target_table(out: dict[str, Any], every: int) -> str:
                 "yes" if r["first_exchange_max_s"] <= 3.0 else "no",
             ]
         )
+        if r["resumed_to_exchange_max_s"] is not None:
+            rows.append(
+                [
+                    "`local --restart-failed`: resumed to first exchange",
+                    f"worst {r['resumed_to_exchange_max_s']:.2f} s",
+                    "",
+                ]
+            )
     lost = max(out[m]["lost_steps_max"] for m in ("peer", "local") if m in out)
     rows.append(
         [

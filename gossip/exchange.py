@@ -76,6 +76,12 @@ class GossipConfig:
     deadline_min_rate: float = 20e6
     # After training, a peer keeps averaging every this many seconds while it lingers.
     linger_interval: float = 0.05
+    # A lingering peer leaves once no peer that is still training has offered an exchange
+    # for this many seconds (training peers offer every period_steps, i.e. many times a
+    # second), so the last peer to finish still has partners to average with ...
+    linger_quiet: float = 2.0
+    # ... but never lingers longer than this.
+    linger_max: float = 600.0
     # Seconds to wait for a neighbour to accept or decline an offer. A paused peer's kernel
     # still takes our bytes; this is what notices it never answers.
     accept_timeout: float = 2.0
@@ -110,6 +116,8 @@ class Exchanger:
         self.rejected = 0
         self.incompatible: dict[str, str] = {}  # addr or name -> why we stopped trying it
         self.step_fn: Callable[[], int] = lambda: 0  # our training progress, sent with pulls
+        self.training = True  # said in our offers; lingering peers wait for those to stop
+        self.last_training_offer = time.monotonic()  # when a training peer last offered
         self._busy = False
         n = store.nbytes // 4
         self._snap = np.empty(n, dtype=np.float32)  # our snapshot, reused every exchange
@@ -195,7 +203,12 @@ class Exchanger:
             old.close()
 
     def _offer(self) -> dict[str, Any]:
-        return {"schema": self.store.schema, "nbytes": self.store.nbytes, "name": self.node.name}
+        return {
+            "schema": self.store.schema,
+            "nbytes": self.store.nbytes,
+            "name": self.node.name,
+            "training": self.training,
+        }
 
     def _declined(self, addr: str, reply: Frame) -> Outcome:
         reason = str(reply.header.get("reason", "?"))
@@ -239,6 +252,8 @@ class Exchanger:
         if h.get("schema") != self.store.schema or h.get("nbytes") != self.store.nbytes:
             await self._refuse_schema(conn, h)
             return
+        if h.get("training") is True:
+            self.last_training_offer = time.monotonic()
         if self._busy or not self.ready:
             await conn.send(MsgType.EXCH_DECLINE, {"busy": True, "reason": "busy"})
             return

@@ -152,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
     p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")
     p.add_argument("--run-dir", help="folder for this peer's results (default runs/peer)")
-    p.add_argument("--linger", type=float, help="seconds to keep answering exchanges at the end")
+    p.add_argument(
+        "--linger",
+        type=float,
+        help="after training, keep averaging at least this long and while others still train",
+    )
     p.add_argument(
         "--allow-control",
         action="store_true",

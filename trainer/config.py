@@ -69,7 +69,9 @@ class PeerConfig:
     run_dir: str = "runs/peer"
     # Membership profile: local, lan, wan or test.
     profile: str = "local"
-    # After training, keep answering exchanges this long so slower peers still have partners.
+    # After training, keep averaging at least this long, and on until no peer that is still
+    # training has offered an exchange for GossipConfig.linger_quiet seconds: slower peers
+    # keep partners, and every finished peer ends near the consensus. 0: leave at once.
     linger_seconds: float = 0.0
     # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
     # anyone who can reach the port could otherwise slow this peer down.

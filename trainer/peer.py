@@ -389,14 +389,21 @@ class Peer:
     async def _linger(self) -> None:
         """After training: keep averaging (no more steps) so peers still training have
         partners and every finished peer moves toward the consensus before it is saved."""
+        self.exchanger.training = False
         if self.cfg.linger_seconds <= 0 or self.stopped_by_signal:
             return
         assert self._kick is not None
         self.status = "averaging"
-        deadline = time.monotonic() + self.cfg.linger_seconds
-        while time.monotonic() < deadline and not self.stopped_by_signal:
+        g = self.cfg.gossip
+        start = time.monotonic()
+        while not self.stopped_by_signal:
+            now = time.monotonic()
+            quiet = now - self.exchanger.last_training_offer >= g.linger_quiet
+            if (now - start >= self.cfg.linger_seconds and quiet) or now - start >= g.linger_max:
+                break
             self._kick.set()
-            await asyncio.sleep(self.cfg.gossip.linger_interval)
+            await asyncio.sleep(g.linger_interval)
+        self.emit("lingered", seconds=round(time.monotonic() - start, 3))
 
     # -- status ------------------------------------------------------------------------------
     def status_dict(self) -> dict[str, Any]:

@@ -187,20 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags of add_train_args that fill TrainConfig fields of the same name.
+TRAIN_KEYS = (
+    "dataset",
+    "data_dir",
+    "model",
+    "partition",
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "threads",
+    "eval_every",
+)
+
+
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "dataset",
-        "data_dir",
-        "model",
-        "partition",
-        "epochs",
-        "batch_size",
-        "lr",
-        "seed",
-        "threads",
-        "eval_every",
-    )
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
 
 
 def peer_config(args: argparse.Namespace) -> Any:

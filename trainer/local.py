@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
+from .cli import TRAIN_KEYS
 from .config import default_threads
 from .netns import FaultNet, NamespaceNet, NetError, NetnsConfig, ProxyNet, netns_available
 from .zygote import Zygote
@@ -101,24 +102,16 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         argv += ["--allow-control"]
     if args.checkpoints or args.restart_failed:
         argv += ["--checkpoint-dir", str(child.run_dir / "checkpoints")]
-    for flag in ("checkpoint_every", "checkpoint_seconds", "checkpoint_keep"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            argv += ["--" + flag.replace("_", "-"), str(value)]
-    for flag in (
-        "dataset",
-        "data_dir",
-        "model",
-        "partition",
-        "epochs",
-        "batch_size",
-        "lr",
-        "seed",
+    passed_on = (
+        "checkpoint_every",
+        "checkpoint_seconds",
+        "checkpoint_keep",
         "period",
-        "eval_every",
         "cluster",
         "profile",
-    ):
+        *(k for k in TRAIN_KEYS if k != "threads"),
+    )
+    for flag in passed_on:
         value = getattr(args, flag, None)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]

@@ -94,6 +94,24 @@ class Transport(ABC):
     stats: Stats
 
 
+# A connection whose sent bytes stay unacknowledged this long is aborted by the kernel.
+# Without it, a connection across a dead link (a partition, a pulled cable) lingers while TCP
+# retransmits with exponential backoff, and everything queued on it waits up to ~25 s after
+# the link is back; with it, the connection fails, the pool drops it, the next send redials.
+USER_TIMEOUT_MS = 8000
+
+
+def tune_socket(sock: socket.socket) -> None:
+    options = [(socket.TCP_NODELAY, 1)]
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        options.append((socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS))
+    for opt, value in options:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+        except OSError:
+            pass
+
+
 class _FrameProtocol(asyncio.BufferedProtocol):
     """Receives straight into the decoder's buffers; queues frames; tracks flow control."""
 
@@ -119,10 +137,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+            tune_socket(sock)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()

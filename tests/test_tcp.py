@@ -109,3 +109,20 @@ async def test_connections_beyond_the_limit_are_refused():
     finally:
         await a.close()
         await b.close()
+
+
+async def test_peer_sockets_give_up_on_unacknowledged_data():
+    from p2p.transport import USER_TIMEOUT_MS
+
+    b = Node(TcpTransport(), "b")
+    await b.start("127.0.0.1", 0)
+    a = Node(TcpTransport(), "a")
+    try:
+        conn = await a.open(b.addr)
+        sock = conn._proto.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        conn.close()
+    finally:
+        await a.close()
+        await b.close()

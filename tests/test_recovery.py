@@ -367,7 +367,7 @@ def test_newcomer_starts_from_the_swarm_and_a_restarted_seed_rejoins_on_its_own(
         "--checkpoint-dir",
         str(ckdir),
         "--checkpoint-every",
-        "20",
+        "100",
     ]
     seed = spawn(seed_args, tmp_path / "seed.err")
     first_loss = seed.wait_for("progress")["loss"]

@@ -40,9 +40,21 @@ BEHIND_PP = 0.5
 
 
 def flags(args: argparse.Namespace) -> list[str]:
-    out = ["--peers", str(args.peers), "--epochs", str(args.epochs), "--seed", str(args.seed),
-           "--linger", "10", "--restart-failed", "--checkpoint-seconds",
-           str(args.checkpoint_seconds), "--timeout", "1800"]  # fmt: skip
+    out = [
+        "--peers",
+        str(args.peers),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+        "--linger",
+        "10",
+        "--restart-failed",
+        "--checkpoint-seconds",
+        str(args.checkpoint_seconds),
+        "--timeout",
+        "1800",
+    ]
     if args.data:
         out += ["--dataset", "mnist", "--data-dir", str(args.data)]
     if args.net == "netns":
@@ -57,15 +69,17 @@ def peer_rows(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]
     for p in run["summary"]["peers"]:
         a = acc[p["name"]]
         b = base_acc.get(p["name"])
-        rows.append({
-            "peer": p["name"],
-            "status": p["status"],
-            "restarts": p["restarts"],
-            "accuracy": p["test_accuracy"],
-            "baseline": b,
-            "delta_vs_baseline_pp": a["delta_pp"],
-            "behind_unrestarted_pp": a["behind_unrestarted_pp"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "peer": p["name"],
+                "status": p["status"],
+                "restarts": p["restarts"],
+                "accuracy": p["test_accuracy"],
+                "baseline": b,
+                "delta_vs_baseline_pp": a["delta_pp"],
+                "behind_unrestarted_pp": a["behind_unrestarted_pp"],
+            }
+        )
     return rows
 
 
@@ -110,8 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     try:
         base = run_local(flags(args), work / "baseline", 1800)
-        run = run_local([*flags(args), *chaos, "--baseline", str(work / "baseline")],
-                        work / "chaos", 1800)  # fmt: skip
+        run = run_local(
+            [*flags(args), *chaos, "--baseline", str(work / "baseline")], work / "chaos", 1800
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -150,17 +165,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     tables = [
         markdown_table(
-            ["peer", "status", "restarts", "accuracy", "baseline", "delta (pp)",
-             "behind unrestarted (pp)"],
-            [[r["peer"], r["status"], r["restarts"], r["accuracy"], r["baseline"],
-              r["delta_vs_baseline_pp"], r["behind_unrestarted_pp"]] for r in peers],
+            [
+                "peer",
+                "status",
+                "restarts",
+                "accuracy",
+                "baseline",
+                "delta (pp)",
+                "behind unrestarted (pp)",
+            ],
+            [
+                [
+                    r["peer"],
+                    r["status"],
+                    r["restarts"],
+                    r["accuracy"],
+                    r["baseline"],
+                    r["delta_vs_baseline_pp"],
+                    r["behind_unrestarted_pp"],
+                ]
+                for r in peers
+            ],
         ),
         markdown_table(
             ["t (s)", "killed", "detected (s)", "declared dead (s)", "others' longest gap (s)"],
-            [[k["t"], k["peer"] + (f" ({k['skipped']})" if k["skipped"] else ""),
-              k["detected_s"], k["declared_dead_s"], k["others_longest_gap_s"]] for k in kills],
+            [
+                [
+                    k["t"],
+                    k["peer"] + (f" ({k['skipped']})" if k["skipped"] else ""),
+                    k["detected_s"],
+                    k["declared_dead_s"],
+                    k["others_longest_gap_s"],
+                ]
+                for k in kills
+            ],
         ),
-    ]  # fmt: skip
+    ]
     emit(result, tables, args.json)
     return 0 if all(result["targets_met"].values()) else 1
 

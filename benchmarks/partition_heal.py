@@ -51,8 +51,16 @@ def default_net() -> str:
 
 def run_local(argv: Sequence[str], run_dir: Path, timeout: float) -> dict[str, Any]:
     """One ``gossip-train local`` run; its summary and (when written) its report."""
-    cmd = [sys.executable, "-m", "trainer.cli", "local", *argv, "--run-dir", str(run_dir),
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "local",
+        *argv,
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+    ]
     log.info("running %s", " ".join(cmd))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -82,8 +90,18 @@ def accuracy_deltas(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, 
 
 
 def train_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--peers", str(args.peers), "--epochs", str(args.epochs), "--seed", str(args.seed),
-             "--linger", "10", "--timeout", "1800"]  # fmt: skip
+    flags = [
+        "--peers",
+        str(args.peers),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+        "--linger",
+        "10",
+        "--timeout",
+        "1800",
+    ]
     if args.data:
         flags += ["--dataset", "mnist", "--data-dir", str(args.data)]
     flags += ["--netns"] if args.net == "netns" else ["--proxy"]
@@ -119,7 +137,7 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, bool]:
         ),
         "accuracy_within_0.5pp": all(
             abs(r["consensus_delta_pp"]) <= ACCURACY_WITHIN_PP for r in rows
-        ),  # fmt: skip
+        ),
         "invariants": all(r["invariants_ok"] and r["all_finished"] for r in rows),
     }
 
@@ -187,14 +205,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trials": rows,
         "targets_met": verdict(rows),
     }
-    headers = ["trial", "detected (s)", "split (s)", "whole after heal (s)", "consensus delta (pp)",
-               "worst peer delta (pp)", "invariants", "wall (s)"]  # fmt: skip
+    headers = [
+        "trial",
+        "detected (s)",
+        "split (s)",
+        "whole after heal (s)",
+        "consensus delta (pp)",
+        "worst peer delta (pp)",
+        "invariants",
+        "wall (s)",
+    ]
     table = markdown_table(
         headers,
-        [[r["trial"], r["detected_s"], r["split_s"], r["whole_after_heal_s"],
-          r["consensus_delta_pp"], r["worst_peer_delta_pp"], r["invariants_ok"], r["wall_s"]]
-         for r in rows],
-    )  # fmt: skip
+        [
+            [
+                r["trial"],
+                r["detected_s"],
+                r["split_s"],
+                r["whole_after_heal_s"],
+                r["consensus_delta_pp"],
+                r["worst_peer_delta_pp"],
+                r["invariants_ok"],
+                r["wall_s"],
+            ]
+            for r in rows
+        ],
+    )
     emit(result, [table], args.json)
     return 0 if all(result["targets_met"].values()) else 1
 

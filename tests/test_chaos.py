@@ -155,8 +155,12 @@ async def test_the_driver_applies_actions_in_order_and_records_each():
         Action(0.03, "restart", ("a",)),
     ]
     await Driver(actions, target).run()
-    assert target.calls == [("kill", "b"), ("signal", "c", 19), ("signal", "c", 18),
-                            ("restart", "a")]  # fmt: skip
+    assert target.calls == [
+        ("kill", "b"),
+        ("signal", "c", 19),
+        ("signal", "c", 18),
+        ("restart", "a"),
+    ]
     assert net.calls == [("partition", [[0], [1, 2]]), ("cap", 0, "1mbit"), ("heal",)]
     kinds = [(e["kind"], e["fault"]) for e in target.events]
     assert (
@@ -238,8 +242,9 @@ def test_stall_is_the_others_longest_gap_while_they_train():
     events = [ev(0, "started", "a"), ev(0, "started", "b"), ev(50, "finished", "b")]
     progress = [{"t": t / 2, "peer": "a", "step": t * 10, "total": 1000} for t in range(0, 41)]
     progress += [{"t": t / 2, "peer": "b", "step": t * 10, "total": 1000} for t in range(0, 21)]
-    progress += [{"t": 14 + t / 2, "peer": "b", "step": 200 + t * 5, "total": 1000}
-                 for t in range(0, 13)]  # fmt: skip
+    progress += [
+        {"t": 14 + t / 2, "peer": "b", "step": 200 + t * 5, "total": 1000} for t in range(0, 13)
+    ]
     intervals = training_intervals(events, progress)
     s = stall(progress, intervals, 10.0, ["a", "b"], window=10.0)
     assert s["longest_gap_s"] == pytest.approx(4.0)  # b made no step from 10 to 14
@@ -253,23 +258,14 @@ def test_stall_is_the_others_longest_gap_while_they_train():
 @pytest.mark.real
 def test_kill_restart_partition_heal_and_every_survivor_is_accurate(tmp_path):
     run_dir = tmp_path / "run"
+    argv = ["local", "--peers", "4", "--epochs", "40", "--run-dir", str(run_dir)]
+    argv += ["--no-progress", "--restart-failed", "--checkpoint-seconds", "1", "--proxy"]
+    # Down long enough that the others notice before it is back: a peer forked from the
+    # launcher's pre-loaded parent listens again within about a second.
+    argv += ["--restart-delay", "3"]
+    argv += ["--chaos", str(ROOT / "examples" / "scenarios" / "smoke.toml")]
     proc = subprocess.run(
-        cli(
-            "local",
-            "--peers",
-            "4",
-            "--epochs",
-            "60",
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-            "--restart-failed",
-            "--checkpoint-seconds",
-            "1",
-            "--proxy",
-            "--chaos",
-            str(ROOT / "examples" / "scenarios" / "smoke.toml"),
-        ),  # fmt: skip
+        cli(*argv),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -301,6 +297,7 @@ def test_kill_restart_partition_heal_and_every_survivor_is_accurate(tmp_path):
     assert report["invariants"]["checkpoints_load"]["files"] >= 4
     rows = {r["fault"]: r for r in report["faults"]}
     assert rows["kill"]["detected_s"] is not None  # the others noticed the dead peer
+    assert rows["kill"]["back_s"] is not None and rows["restart"]["back_s"] is not None
     assert rows["partition"]["detected_s"] is not None
     assert rows["heal"]["whole_s"] is not None  # and membership mended after the heal
     assert (run_dir / "report.md").read_text().startswith("# Robustness report")
@@ -320,7 +317,7 @@ def test_the_standalone_tool_drives_a_peer_it_did_not_start(tmp_path):
             "--allow-control",
             "--run-dir",
             str(tmp_path / "p"),
-        ),  # fmt: skip
+        ),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -342,7 +339,7 @@ def test_the_standalone_tool_drives_a_peer_it_did_not_start(tmp_path):
                 "at=0 kind=pause peer=solo for=0.5",
                 "--fault",
                 "at=1 kind=slow-peer peer=solo factor=2.5 for=0.5",
-            ),  # fmt: skip
+            ),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -352,9 +349,11 @@ def test_the_standalone_tool_drives_a_peer_it_did_not_start(tmp_path):
         lines = [json.loads(x) for x in proc.stdout.splitlines()]
         assert lines[0]["kind"] == "chaos_plan" and lines[0]["mode"] == "process"
         assert [(e["kind"], e["fault"]) for e in lines[1:]] == [
-            ("fault", "pause"), ("fault", "resume"), ("fault", "slow-peer"),
+            ("fault", "pause"),
+            ("fault", "resume"),
+            ("fault", "slow-peer"),
             ("fault", "unslow-peer"),
-        ]  # fmt: skip
+        ]
         assert lines[3]["reply"] == {"op": "slowdown", "factor": 2.5}
         peer.terminate()
         out, _ = peer.communicate(timeout=60)

@@ -165,7 +165,7 @@ def test_a_multi_host_run_takes_faults_from_the_standalone_chaos_tool(tmp_path):
             str(run_dir),
             "--no-progress",
             "--allow-control",
-        ),  # fmt: skip
+        ),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -187,7 +187,7 @@ def test_a_multi_host_run_takes_faults_from_the_standalone_chaos_tool(tmp_path):
                 "at=4 kind=slow-peer peer=peer-1 factor=3 for=1",
                 "--fault",
                 "at=4 kind=slow-link peer=peer-0 rate=50mbit for=1",
-            ),  # fmt: skip
+            ),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -211,8 +211,18 @@ def test_a_multi_host_run_takes_faults_from_the_standalone_chaos_tool(tmp_path):
         assert p["status"] == "finished" and p["test_accuracy"] >= 0.90, p
     injected = [e for e in summary["events"] if e.get("by") == "gossip-train chaos"]
     kinds = [e["fault"] for e in injected if e["kind"] == "fault"]
-    assert sorted(kinds) == sorted(["partition", "heal", "pause", "resume", "slow-peer",
-                                    "unslow-peer", "slow-link", "unslow-link"])  # fmt: skip
+    assert sorted(kinds) == sorted(
+        [
+            "partition",
+            "heal",
+            "pause",
+            "resume",
+            "slow-peer",
+            "unslow-peer",
+            "slow-link",
+            "unslow-link",
+        ]
+    )
     assert not [e for e in injected if e["kind"] == "fault_failed"], injected
     slowed = [e for e in summary["events"] if e["kind"] == "slowdown" and e["peer"] == "peer-1"]
     assert [e["factor"] for e in slowed] == [3.0, 1.0]
@@ -236,7 +246,7 @@ def test_interrupting_a_run_removes_its_namespaces_and_processes(tmp_path, sig):
             "--run-dir",
             str(run_dir),
             "--no-progress",
-        ),  # fmt: skip
+        ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -270,7 +280,7 @@ def test_a_killed_run_leaves_nothing_after_the_next_cleanup(tmp_path):
             "--run-dir",
             str(run_dir),
             "--no-progress",
-        ),  # fmt: skip
+        ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

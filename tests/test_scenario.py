@@ -249,12 +249,38 @@ every_steps = 40
     )
     from_file = parse_peer("--config", str(path))
     from_flags = parse_peer(
-        "--name", "b", "--listen", "0.0.0.0:7000", "--advertise", "10.0.0.2:7000",
-        "--join", "10.0.0.1:7000,10.0.0.3:7000", "--index", "1", "--num-peers", "3",
-        "--run-dir", "out/b", "--profile", "lan", "--linger", "4", "--allow-control",
-        "--epochs", "2.5", "--lr", "0.01", "--seed", "9", "--period", "7",
-        "--checkpoint-dir", "ck/b", "--checkpoint-every", "40",
-    )  # fmt: skip
+        "--name",
+        "b",
+        "--listen",
+        "0.0.0.0:7000",
+        "--advertise",
+        "10.0.0.2:7000",
+        "--join",
+        "10.0.0.1:7000,10.0.0.3:7000",
+        "--index",
+        "1",
+        "--num-peers",
+        "3",
+        "--run-dir",
+        "out/b",
+        "--profile",
+        "lan",
+        "--linger",
+        "4",
+        "--allow-control",
+        "--epochs",
+        "2.5",
+        "--lr",
+        "0.01",
+        "--seed",
+        "9",
+        "--period",
+        "7",
+        "--checkpoint-dir",
+        "ck/b",
+        "--checkpoint-every",
+        "40",
+    )
     assert from_file == from_flags
     assert from_file.advertise == "10.0.0.2:7000" and from_file.listen == "0.0.0.0:7000"
     # Flags override the file.

@@ -263,8 +263,9 @@ def _fault_row(
         row["split_s"] = first_time(events, t, "split", groups)
     if kind in ("resume", "heal", "unslow-link", "unslow-peer"):
         row["whole_s"] = first_time(events, t, "whole")
-    if kind == "restart":
-        # Back: the new process trains again; whole: from then on everybody sees everybody.
+    if kind in ("kill", "restart"):
+        # Back (a restart, or a kill that a supervisor undid): the new process trains again;
+        # whole: from then on everybody sees everybody.
         back = [
             float(e["t"])
             for e in events

@@ -29,7 +29,7 @@ from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, 
 from .cli import TRAIN_KEYS
 from .config import default_threads
 from .netns import FaultNet, NamespaceNet, NetError, NetnsConfig, ProxyNet, netns_available
-from .zygote import Zygote
+from .zygote import Zygote, ZygoteChild
 
 GRACE_SECONDS = 5.0
 # Port every peer listens on inside its own namespace (each namespace has its own ports).
@@ -44,7 +44,7 @@ class Child:
     name: str
     addr: str
     run_dir: Path
-    proc: asyncio.subprocess.Process | None = None
+    proc: asyncio.subprocess.Process | ZygoteChild | None = None
     last: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     status: str = "starting"
@@ -262,7 +262,7 @@ class LocalRun:
                 "t": round(child.started - self.t0, 3),
                 "peer": child.name,
                 "kind": "spawned",
-                "pid": child.proc.pid,
+                "pid": child.proc.pid if child.proc is not None else None,
             }
         )
         self.write_peers()

@@ -70,6 +70,10 @@ class GossipConfig:
     # Start an exchange after this many local steps. Lower mixes faster but spends more CPU
     # on copies and network; 20 steps of the seed MLP are ~20 ms of compute.
     period_steps: int = 20
+    # While training, gossip may take at most this share of wall time: after an exchange of E
+    # seconds the next starts no sooner than E * (1/budget - 1) later, however short the
+    # period. Bounds the overhead on slow links and big models; 0 disables the bound.
+    time_budget: float = 0.1
     # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
     deadline_base: float = 2.0

@@ -328,10 +328,17 @@ class Peer:
 
     async def _gossip_loop(self) -> None:
         assert self._kick is not None
+        budget = self.cfg.gossip.time_budget
         while True:
             await self._kick.wait()
             self._kick.clear()
+            t0 = time.monotonic()
             await self.gossip_round()
+            if budget > 0 and self.status == "training":
+                # Averaging may take at most `budget` of the time: after an exchange that
+                # took E seconds, wait E * (1 - budget) / budget before the next one.
+                spent = time.monotonic() - t0
+                await asyncio.sleep(spent * (1 - budget) / budget)
 
     async def gossip_round(self) -> bool:
         """Average with one random live neighbour; a busy one is skipped for the next."""

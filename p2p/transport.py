@@ -14,7 +14,7 @@ import socket
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .framing import BufferPool, Decoder, Frame, FrameError, Limits, encode
 
@@ -131,10 +131,11 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport  # type: ignore[assignment]
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
         # drain() returns only once everything written is in the kernel, so a sender may
         # reuse its buffer (a weight snapshot) as soon as send() returns.
-        self.transport.set_write_buffer_limits(high=0)
+        tr.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)

@@ -49,6 +49,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": code_version(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cpu_model": model,
@@ -56,6 +57,33 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": list(os.getloadavg()),
     }
+
+
+def code_version() -> str:
+    """The commit measured, with "+dirty" when the code under test differs from it.
+
+    Several people change this working tree at once: the commit alone does not say what ran.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "p2p", "gossip", "trainer"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ import baselines
 from common import (
     DEFAULT_MNIST,
     REPO,
+    code_version,
     command_line,
     emit,
     machine_info,
@@ -107,6 +109,15 @@ class GossipBenchConfig:
     evals_per_epoch: int = 4
     # Run one process and DDP x2/x4 between the gossip runs (same load, fair ratios).
     with_baselines: bool = True
+    # An interpreter that can import hivemind (kept out of the project's venv); "" means
+    # this one. Without hivemind, its rows are skipped with a note.
+    hivemind_python: str = ""
+    # hivemind.Optimizer with local updates (the closest to gossip: every peer steps on its
+    # own, parameters are averaged in the background) every this many samples in total
+    # across peers, i.e. 20 local steps of every peer, as gossip's default period; its
+    # matchmaking time is the value its docs give for small local runs.
+    hivemind_steps_between_averages: int = 20
+    hivemind_matchmaking_time: float = 3.0
     # Straggler: peers, local epochs, and the slowed peer's factor (4 = a quarter speed).
     straggler_peers: int = 4
     straggler_epochs: float = 2.0
@@ -154,22 +165,28 @@ class Sample:
     cpu_s: float  # user + system CPU seconds of the process so far
     rss: int  # bytes
     hwm: int  # peak RSS so far, bytes
+    loop_cpu_s: float  # CPU seconds of the main thread alone: the peer's event loop
 
 
-def read_proc(pid: int) -> tuple[float, int, int] | None:
-    """CPU seconds, RSS and peak RSS of a live process; None once it is gone."""
+def cpu_seconds(stat_path: str) -> float:
+    """utime + stime from a /proc .../stat file (fields 14 and 15, after "pid (comm)")."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def read_proc(pid: int) -> tuple[float, int, int, float] | None:
+    """CPU seconds, RSS, peak RSS and main-thread CPU of a live process; None once gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        cpu = cpu_seconds(f"/proc/{pid}/stat")
+        loop_cpu = cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
         status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+    except (OSError, IndexError, ValueError):
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; utime, stime = 14, 15
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     mem = {}
     for line in status.splitlines():
         if line.startswith(("VmRSS:", "VmHWM:")):
             mem[line[:5]] = int(line.split()[1]) * 1024
-    return cpu, mem.get("VmRSS", 0), mem.get("VmHWM", 0)
+    return cpu, mem.get("VmRSS", 0), mem.get("VmHWM", 0), loop_cpu
 
 
 class Watcher(threading.Thread):
@@ -315,21 +332,34 @@ def peer_rates(run: Launch, window: tuple[float, float]) -> dict[str, dict[str, 
     t0, t1 = window
     out: dict[str, dict[str, float | None]] = {}
     for peer, points in run.progress().items():
+        mine = [s for s in run.samples if s.peer == peer]
+        at = [s.at - run.launched - run.offset for s in mine]  # on the launcher's clock
+        # Inside the window, and inside the span the /proc samples cover (they start once
+        # peers.json names the peer), so steps and CPU are counted over the same time.
+        lo, hi = max([t0, *at[:1]]), min([t1, *at[-1:]])
         steps = [(p["t"], float(p["step"])) for p in points]
-        inside = [s for s in steps if t0 <= s[0] <= t1]
+        inside = [s for s in steps if lo <= s[0] <= hi]
         if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
             out[peer] = {"steps_per_s": None, "cpu_per_step_ms": None, "steps": 0}
             continue
         (a_t, a_s), (b_t, b_s) = inside[0], inside[-1]
-        cpu = [(s.at - run.launched - run.offset, s.cpu_s) for s in run.samples if s.peer == peer]
-        c0, c1 = interp(cpu, a_t), interp(cpu, b_t)
-        cpu_ms = 1e3 * (c1 - c0) / (b_s - a_s) if c0 is not None and c1 is not None else None
+        cpu = list(zip(at, [s.cpu_s for s in mine], strict=True))
+        loop = list(zip(at, [s.loop_cpu_s for s in mine], strict=True))
         out[peer] = {
             "steps_per_s": (b_s - a_s) / (b_t - a_t),
-            "cpu_per_step_ms": cpu_ms,
+            "cpu_per_step_ms": per_step_ms(cpu, (a_t, a_s), (b_t, b_s)),
+            "loop_cpu_per_step_ms": per_step_ms(loop, (a_t, a_s), (b_t, b_s)),
             "steps": b_s - a_s,
         }
     return out
+
+
+def per_step_ms(
+    cpu: list[tuple[float, float]], a: tuple[float, float], b: tuple[float, float]
+) -> float | None:
+    """CPU milliseconds per step between two (time, step) points, from (time, CPU) samples."""
+    c0, c1 = interp(cpu, a[0]), interp(cpu, b[0])
+    return 1e3 * (c1 - c0) / (b[1] - a[1]) if c0 is not None and c1 is not None else None
 
 
 # -- (b) time to accuracy ---------------------------------------------------------------------
@@ -397,13 +427,18 @@ def time_to_accuracy(cfg: GossipBenchConfig, runs: Runs) -> dict[str, Any]:
     jobs += [(f"gossip-train x{n}", partial(gossip_tta, cfg, runs, n)) for n in cfg.tta_peers]
     if cfg.with_baselines:
         jobs += [(f"DDP gloo x{w}", partial(ddp_tta, w, cfg)) for w in (2, 4)]
+    hivemind = hivemind_interpreter(cfg)
+    if hivemind:
+        jobs += [(f"hivemind x{n}", partial(hivemind_tta, cfg, runs, n, hivemind))
+                 for n in cfg.tta_peers]  # fmt: skip
     reps: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in jobs}
     for rep in range(cfg.reps):
         for name, job in jobs:
             log.info("tta rep %d/%d: %s (load %.1f)", rep + 1, cfg.reps, name, load_now())
             reps[name].append(job())
     rows = {name: tta_median(results) for name, results in reps.items()}
-    return {"rows": rows, "reps": reps, "ratios": tta_ratios(reps, cfg)}
+    note = None if hivemind else "hivemind is not installed; its rows were skipped"
+    return {"rows": rows, "reps": reps, "ratios": tta_ratios(reps, cfg), "hivemind": note}
 
 
 def ddp_tta(world: int, cfg: GossipBenchConfig) -> dict[str, Any]:
@@ -442,6 +477,158 @@ def tta_ratios(reps: dict[str, list[dict[str, Any]]], cfg: GossipBenchConfig) ->
         ]
         out[f"{a} / {b}"] = {"median": median(each), "each": each}
     return out
+
+
+# -- (b) hivemind ------------------------------------------------------------------------------
+def hivemind_interpreter(cfg: GossipBenchConfig) -> str | None:
+    """The interpreter to run hivemind peers with, or None when it cannot import hivemind."""
+    python = cfg.hivemind_python or sys.executable
+    try:
+        subprocess.run([python, "-c", "import hivemind"], check=True, capture_output=True,
+                       timeout=300)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        log.info("hivemind: not importable by %s; skipped", python)
+        return None
+    return python
+
+
+def hivemind_tta(cfg: GossipBenchConfig, runs: Runs, peers: int, python: str) -> dict[str, Any]:
+    """N hivemind peers on 127.0.0.1; stopped once every peer has reported the target."""
+    run_dir = runs.next(f"hivemind-x{peers}")
+    run_dir.mkdir(parents=True)
+    every = max(1, round(steps_per_epoch(cfg, peers) / cfg.evals_per_epoch))
+    load = load_now()
+    launched = time.time()
+    spec = {
+        "peers": peers, "dataset": cfg.dataset, "data_dir": cfg.data, "launch": launched,
+        "eval_every": every, "max_steps": round(cfg.tta_epochs * steps_per_epoch(cfg, peers)),
+        "target_batch_size": 32 * peers * cfg.hivemind_steps_between_averages,
+        "matchmaking_time": cfg.hivemind_matchmaking_time, "run_id": run_dir.name,
+    }  # fmt: skip
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for index in range(peers):
+            argv = [
+                python,
+                str(Path(__file__)),
+                "--hivemind-peer",
+                json.dumps({**spec, "index": index}),
+            ]
+            log_file = open(run_dir / f"peer-{index}.log", "w")  # noqa: SIM115 - the child's
+            procs.append(subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log_file,
+                                          text=True))  # fmt: skip
+            log_file.close()
+            if index == 0:
+                spec["initial_peers"] = wait_line(procs[0], "MADDRS ", cfg.timeout)
+        evals = hivemind_evals(procs, cfg.target, launched + cfg.timeout)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return hivemind_result(peers, evals, cfg, launched, load, run_dir)
+
+
+def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> Any:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix) :])
+    raise RuntimeError(f"hivemind peer printed no {prefix.strip()} (exit {proc.poll()})")
+
+
+def hivemind_evals(procs: list[subprocess.Popen[str]], target: float, deadline: float) -> list:
+    """Read every peer's EVAL lines until each has reported ``target`` (or all have ended)."""
+    evals: list[dict[str, Any]] = []
+    reached: set[int] = set()
+    live = {p.stdout.fileno(): (i, p) for i, p in enumerate(procs) if p.stdout is not None}
+    while live and len(reached) < len(procs) and time.time() < deadline:
+        ready, _, _ = select.select(list(live), [], [], 1.0)
+        for fd in ready:
+            index, proc = live[fd]
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                del live[fd]
+            elif line.startswith("EVAL "):
+                ev = {**json.loads(line[5:]), "peer": index}
+                evals.append(ev)
+                if ev["accuracy"] >= target:
+                    reached.add(index)
+    return evals
+
+
+def hivemind_result(peers: int, evals: list, cfg: GossipBenchConfig, launched: float,
+                    load: float, run_dir: Path) -> dict[str, Any]:  # fmt: skip
+    first: dict[int, dict[str, Any]] = {}
+    for ev in evals:
+        if ev["accuracy"] >= cfg.target:
+            first.setdefault(ev["peer"], ev)
+    done = len(first) == peers
+    started = [e["started_s"] for e in evals if "started_s" in e]
+    return {
+        "name": f"hivemind x{peers}",
+        "peers": peers,
+        "reached": done,
+        "time_to_target_s": max(e["t"] for e in first.values()) if done else None,
+        "epochs_to_target": max(e["step"] for e in first.values()) / steps_per_epoch(cfg, peers)
+        if done
+        else None,
+        "startup_s": max(started) if started else None,
+        "averaging_epochs": max((e["hivemind_epoch"] for e in evals), default=0),
+        "wall_s": time.time() - launched,
+        "load_1m": [load, load_now()],
+        "curves": evals,
+        "run_dir": str(run_dir),
+    }
+
+
+def hivemind_peer_main(spec_json: str) -> None:
+    """--hivemind-peer: the seed MLP on this peer's shard under hivemind.Optimizer."""
+    spec = json.loads(spec_json)
+    sys.path.insert(0, str(REPO))  # hivemind lives in another venv; the project is here
+    import hivemind
+    import torch
+
+    from trainer.data import BatchIterator, load_dataset
+    from trainer.models import build_model, evaluate
+    from trainer.partition import partition
+
+    torch.set_num_threads(1)
+    n, index = spec["peers"], spec["index"]
+    data = load_dataset(
+        spec["dataset"], Path(spec["data_dir"]) if spec["dataset"] != "default" else None
+    )
+    shard = partition(data.y_train.numpy(), n, index, "iid", 0, min_samples=32)
+    batches = BatchIterator(data.x_train, data.y_train, shard, 32, 0, index)
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=0)
+    dht = hivemind.DHT(initial_peers=spec.get("initial_peers", []),
+                       host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)  # fmt: skip
+    if index == 0:
+        print("MADDRS " + json.dumps([str(a) for a in dht.get_visible_maddrs()]), flush=True)
+    opt = hivemind.Optimizer(
+        dht=dht, run_id=spec["run_id"], batch_size_per_step=32,
+        target_batch_size=spec["target_batch_size"], params=model.parameters(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), use_local_updates=True,
+        matchmaking_time=spec["matchmaking_time"], averaging_timeout=10.0, verbose=False,
+    )  # fmt: skip
+    loss_fn = torch.nn.CrossEntropyLoss()
+    started = time.time() - spec["launch"]
+    for step in range(1, spec["max_steps"] + 1):
+        x, y = next(batches)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        if step % spec["eval_every"] == 0:
+            acc = evaluate(model, data.x_test, data.y_test)
+            ev = {"step": step, "t": time.time() - spec["launch"], "accuracy": acc,
+                  "hivemind_epoch": opt.local_epoch, "started_s": started}  # fmt: skip
+            print("EVAL " + json.dumps(ev), flush=True)
+    opt.shutdown()
+    dht.shutdown()
 
 
 # -- (c) straggler --------------------------------------------------------------------------------
@@ -534,6 +721,7 @@ def overhead_run(cfg: GossipBenchConfig, runs: Runs, gossip_on: bool) -> dict[st
         "gossip": gossip_on,
         "ms_per_step": median([1e3 / r["steps_per_s"] for r in rates.values() if r["steps_per_s"]]),
         "cpu_ms_per_step": median([r["cpu_per_step_ms"] for r in rates.values()]),
+        "loop_cpu_ms_per_step": median([r.get("loop_cpu_per_step_ms") for r in rates.values()]),
         "locked_step_ms": median([1e3 * f.get("step_seconds", 0.0) for f in finished.values()]),
         "exchanges": exch,
         "exchange_ms_mean": 1e3 * exch_s / exch if exch else None,
@@ -564,6 +752,8 @@ def overhead(cfg: GossipBenchConfig, runs: Runs) -> dict[str, Any]:
         "ms_per_step_off": median([r["ms_per_step"] for r in off]),
         "cpu_ms_per_step_on": median([r["cpu_ms_per_step"] for r in on]),
         "cpu_ms_per_step_off": median([r["cpu_ms_per_step"] for r in off]),
+        "loop_cpu_ms_per_step_on": median([r["loop_cpu_ms_per_step"] for r in on]),
+        "loop_cpu_ms_per_step_off": median([r["loop_cpu_ms_per_step"] for r in off]),
         "wall_overhead": median(wall),
         "wall_overhead_each": wall,
         "cpu_overhead": median(cpu),
@@ -772,15 +962,17 @@ def memory_breakdown(peers: list[dict[str, Any]], bare_mb: float) -> dict[str, A
     started = anon["started"]
     stepped = anon.get("progress", started)
     exchanged = anon.get("first_exchange", stepped)
+    after_optimizer = anon.get("first_optimizer", anon["imports"])
     steps = {
-        "data set load": anon["data_and_seed_model"] - anon["imports"],
+        "first optimizer (imports torch._dynamo)": after_optimizer - anon["imports"],
+        "data set load": anon["data_and_seed_model"] - after_optimizer,
         "model built": anon["model"] - anon["data_and_seed_model"],
         "start (node, membership, exchanger)": started - anon["model"],
         "first step (grads, Adam state, temporaries)": stepped - started,
         "first exchange (snapshot, delta, receive buffer)": exchanged - stepped,
         "rest of training": max(p["training_anon"]) / 1e6 - exchanged,
     }
-    model_part = sum(v for k, v in steps.items() if k != "data set load")
+    model_part = sum(v for k, v in steps.items() if not k.startswith(("data", "first opt")))
     return {
         "params": p["params"],
         "model_mb": model_mb,
@@ -820,6 +1012,10 @@ def memory_peer_main(spec_json: str) -> None:
 
     stages["imports"] = mem()
     torch.set_num_threads(1)
+    # The first torch.optim optimizer imports torch._dynamo (and sympy); the Trainer below
+    # builds one. Done here on its own so the data set's share is measured apart from it.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    stages["first_optimizer"] = mem()
     cfg = PeerConfig(
         name=f"mem-{spec['index']}",
         index=spec["index"],
@@ -926,12 +1122,14 @@ def straggler_table(r: dict[str, Any], cfg: GossipBenchConfig) -> str:
 
 def overhead_table(r: dict[str, Any]) -> str:
     return markdown_table(
-        ["gossip", "wall ms/step (median)", "CPU ms/step (median)", "mean exchange ms"],
+        ["gossip", "wall ms/step (median)", "CPU ms/step (median)",
+         "event-loop thread CPU ms/step", "mean exchange ms"],
         [
             ["on (period 20)", fmt(r["ms_per_step_on"]), fmt(r["cpu_ms_per_step_on"]),
-             fmt(r["exchange_ms_mean"])],
-            ["off", fmt(r["ms_per_step_off"]), fmt(r["cpu_ms_per_step_off"]), "-"],
-            ["overhead", fmt(r["wall_overhead"], "+.0%"), fmt(r["cpu_overhead"], "+.0%"),
+             fmt(r.get("loop_cpu_ms_per_step_on"), ".3f"), fmt(r["exchange_ms_mean"])],
+            ["off", fmt(r["ms_per_step_off"]), fmt(r["cpu_ms_per_step_off"]),
+             fmt(r.get("loop_cpu_ms_per_step_off"), ".3f"), "-"],
+            ["overhead", fmt(r["wall_overhead"], "+.0%"), fmt(r["cpu_overhead"], "+.0%"), "-",
              "wall each rep: " + ", ".join(f"{x:+.0%}" for x in r["wall_overhead_each"])],
         ],
     )  # fmt: skip
@@ -1017,7 +1215,11 @@ def run_measures(cfg: GossipBenchConfig, only: Sequence[str], work: Path) -> tup
 
 
 def main() -> None:
-    workers = {"--memory-peer": memory_peer_main, "--fork-probe": fork_probe_main}
+    workers = {
+        "--memory-peer": memory_peer_main,
+        "--fork-probe": fork_probe_main,
+        "--hivemind-peer": hivemind_peer_main,
+    }
     if len(sys.argv) == 3 and sys.argv[1] in workers:
         workers[sys.argv[1]](sys.argv[2])
         return
@@ -1027,6 +1229,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 3)")
     parser.add_argument("--data", default="", help=f"MNIST folder (default {DEFAULT_MNIST})")
     parser.add_argument("--no-baselines", action="store_true", help="gossip runs only")
+    parser.add_argument(
+        "--hivemind-python", default="", help="interpreter with hivemind (default: this one)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep run dirs here (else temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -1040,6 +1245,8 @@ def main() -> None:
         cfg = replace(cfg, reps=args.reps)
     if args.no_baselines:
         cfg = replace(cfg, with_baselines=False)
+    if args.hivemind_python:
+        cfg = replace(cfg, hivemind_python=args.hivemind_python)
     if args.data:
         cfg = replace(cfg, data=args.data, baseline=replace(cfg.baseline, data=args.data))
     check_data(cfg)
@@ -1058,6 +1265,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     result.update(measured)
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    result["machine"]["commit_at_end"] = code_version()  # others may change the tree meanwhile
     emit(result, tables, args.json)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, REPO, command_line, machine_info, python_cmd
+from common import BENCH_DIR, REPO, code_version, command_line, machine_info, python_cmd
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def run_one(bench: Bench, out: Path, quick: bool, timeout: float) -> dict[str, A
     record: dict[str, Any] = {
         "command": " ".join([Path(argv[0]).name, *argv[1:]]).replace(str(REPO) + "/", ""),
         "load_before": os.getloadavg()[0],
+        "commit": code_version(),
     }
     log.info("%s: %s (load %.1f)", bench.name, record["command"], record["load_before"])
     t0 = time.monotonic()
@@ -104,6 +105,7 @@ def run_one(bench: Bench, out: Path, quick: bool, timeout: float) -> dict[str, A
             record["status"] = f"timed out after {timeout:.0f} s"
     record["seconds"] = round(time.monotonic() - t0, 1)
     record["load_after"] = os.getloadavg()[0]
+    record["commit_after"] = code_version()
     record["tables"] = split_output((out / f"{bench.name}.out").read_text())
     json_path = out / f"{bench.name}.json"
     record["result"] = json.loads(json_path.read_text()) if json_path.exists() else None
@@ -119,7 +121,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Command: `{results['command']}`. Date {m['date']}, host {m['host']}, {m['cpus']} CPUs "
+        f"Command: `{results['command']}` at {m['commit']}. Date {m['date']}, host {m['host']}, "
+        f"{m['cpus']} CPUs "
         f"({m['cpu_model']}), Python {m['python']}. Load at start {m['loadavg_at_start'][0]:.1f}.",
         "",
     ]
@@ -128,7 +131,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {name}",
             "",
             f"`{r['command']}`: {r['status']}, {r['seconds']:.0f} s, "
-            f"load {r['load_before']:.1f} before and {r['load_after']:.1f} after.",
+            f"load {r['load_before']:.1f} before and {r['load_after']:.1f} after, "
+            f"code {r['commit']}"
+            + (f" (then {r['commit_after']})" if r["commit_after"] != r["commit"] else "")
+            + ".",
             "",
         ]
         if r.get("error"):

@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2p.framing import MsgType
-from p2p.node import Node, NodeConfig
-from p2p.transport import TcpTransport, TransportError, parse_addr
+from p2p.transport import TransportError, parse_addr
 
 from .netns import FaultNet, NamespaceNet, NetError, parse_rate
 
@@ -498,20 +497,9 @@ async def send_control(
     addr: str, header: dict[str, Any], cluster: str = "gossip-train", timeout: float = 3.0
 ) -> dict[str, Any]:
     """One CONTROL command to a peer started with --allow-control; its CONTROL_OK header."""
-    parse_addr(addr)
-    node = Node(TcpTransport(), "gossip-train-chaos", NodeConfig(cluster=cluster))
-    try:
-        conn = await node.open(addr, timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                await conn.send(MsgType.CONTROL, header)
-                reply = await conn.recv()
-        except TimeoutError:
-            raise TransportError(f"{addr}: no control answer within {timeout:.1f} s") from None
-        finally:
-            conn.close()
-    finally:
-        await node.close()
+    from .status import request
+
+    reply = await request(addr, MsgType.CONTROL, header, cluster, timeout, "control")
     if reply.type != MsgType.CONTROL_OK:
         reason = reply.header.get("reason", f"reply type {reply.type}")
         raise TransportError(f"{addr} refused the control command: {reason}")

@@ -5,26 +5,38 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from p2p.framing import MsgType
+from p2p.framing import Frame, MsgType
 from p2p.node import Node, NodeConfig
 from p2p.transport import TcpTransport, TransportError, parse_addr
 
 
-async def fetch_status(addr: str, cluster: str = "gossip-train", timeout: float = 3.0) -> dict:
+async def request(
+    addr: str,
+    msg_type: int,
+    header: dict[str, Any],
+    cluster: str = "gossip-train",
+    timeout: float = 3.0,
+    what: str = "request",
+) -> Frame:
+    """One request to a running peer over a fresh handshaken connection; its reply frame."""
     parse_addr(addr)
-    node = Node(TcpTransport(), "gossip-train-cli", NodeConfig(cluster=cluster))
+    node = Node(TcpTransport(), f"gossip-train-{what}", NodeConfig(cluster=cluster))
     try:
         conn = await node.open(addr, timeout)
         try:
             async with asyncio.timeout(timeout):
-                await conn.send(MsgType.STATUS_REQ, {})
-                reply = await conn.recv()
+                await conn.send(msg_type, header)
+                return await conn.recv()
         except TimeoutError:
-            raise TransportError(f"{addr}: no status answer within {timeout:.1f} s") from None
+            raise TransportError(f"{addr}: no {what} answer within {timeout:.1f} s") from None
         finally:
             conn.close()
     finally:
         await node.close()
+
+
+async def fetch_status(addr: str, cluster: str = "gossip-train", timeout: float = 3.0) -> dict:
+    reply = await request(addr, MsgType.STATUS_REQ, {}, cluster, timeout, "status")
     if reply.type != MsgType.STATUS:
         raise TransportError(f"{addr}: unexpected reply type {reply.type}")
     return reply.header

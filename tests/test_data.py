@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import re
 import struct
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 
 from trainer.data import (
     DEFAULT_ASSET,
@@ -23,7 +23,6 @@ from trainer.data import (
     read_idx,
 )
 
-SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 ASSETS = Path(__file__).parents[1] / "trainer" / "assets"
@@ -31,12 +30,7 @@ ASSETS = Path(__file__).parents[1] / "trainer" / "assets"
 
 def _shared(sub: str) -> Path:
     """The shared data folder; missing data fails under CI and skips only on a dev machine."""
-    path = SHARED_DATA / sub
-    if not path.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared data {path} is missing under CI")
-        pytest.skip(f"shared data {path} not on this machine")
-    return path
+    return shared_data(sub)
 
 
 @pytest.fixture(scope="module")

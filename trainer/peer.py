@@ -41,6 +41,8 @@ PROFILES = {
 }
 # Progress lines are reported at most this often.
 PROGRESS_INTERVAL = 0.5
+# Longest pause the gossip time budget may impose after one exchange.
+MAX_BUDGET_WAIT = 1.0
 
 
 class PeerError(Exception):
@@ -332,28 +334,29 @@ class Peer:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            t0 = time.monotonic()
-            await self.gossip_round()
-            if budget > 0 and self.status == "training":
+            spent = await self.gossip_round()
+            if budget > 0 and spent > 0 and self.status == "training":
                 # Averaging may take at most `budget` of the time: after an exchange that
-                # took E seconds, wait E * (1 - budget) / budget before the next one.
-                spent = time.monotonic() - t0
-                await asyncio.sleep(spent * (1 - budget) / budget)
+                # took E seconds, wait E * (1 - budget) / budget before the next one. Only
+                # completed exchanges count (a timed-out attempt costs no CPU), and the wait
+                # is capped so the linger phase is never held up by it.
+                await asyncio.sleep(min(MAX_BUDGET_WAIT, spent * (1 - budget) / budget))
 
-    async def gossip_round(self) -> bool:
-        """Average with one random live neighbour; a busy one is skipped for the next."""
+    async def gossip_round(self) -> float:
+        """Average with one random live neighbour; a busy one is skipped for the next.
+        Returns the seconds the completed exchange took (0.0 if none completed)."""
         for addr in self.neighbours()[: self.cfg.gossip.max_attempts]:
             out = await self.exchanger.exchange(addr)
             if out.ok:
                 self.exchange_seconds += out.seconds
                 if not self._first_exchange_seen:
                     self._note_first_exchange(addr)
-                return True
+                return out.seconds
             if not out.busy:
                 log.debug("exchange with %s failed: %s", addr, out.reason)
             # Busy peers decline at once; a short random pause breaks lockstep retries.
             await asyncio.sleep(self.rng.uniform(0.0, 0.01))
-        return False
+        return 0.0
 
     def _note_first_exchange(self, addr: str) -> None:
         self._first_exchange_seen = True

@@ -12,7 +12,9 @@ event's time since launch. The same thread samples every peer's CPU time and RSS
 - ``tta``: the seed MLP on MNIST, batch 32, Adam 1e-3, every peer evaluating 4 times per
   local epoch; time from launch until every peer has reported >= 97.5% test accuracy.
   Interleaved, rep by rep, with one plain process and DDP (gloo) x2 and x4 from
-  ``baselines.py``, so the ratios compare runs under the same load;
+  ``baselines.py``, so the ratios compare runs under the same load; with
+  ``--hivemind-python`` (an interpreter that imports hivemind, kept out of the project's
+  venv), also hivemind peers (``--hivemind-peer`` mode) with local updates;
 - ``straggler``: 4 peers, with and without ``--fault 'at=0 kind=slow-peer peer=peer-3
   factor=4'`` (peer-3 sleeps 3x each step's time after the step); the other peers' steps/s
   while all four train. Interleaved with ``baselines.straggler`` (DDP x4, same slowdown);
@@ -20,14 +22,16 @@ event's time since launch. The same thread samples every peer's CPU time and RSS
   ``--period 1000000000`` (no exchange); a peer's wall time and CPU time per step while both
   train;
 - ``startup``: 8 peers; launch to the first completed exchange (any peer's
-  ``first_exchange``) and to every peer's first;
+  ``first_exchange``) and to every peer's first. Plus a probe (``--fork-probe`` mode): a
+  parent pre-loaded like trainer/zygote.py forks one peer, with and without building an
+  optimizer first (the first one imports torch._dynamo);
 - ``memory``: RSS of a bare ``python -c "import torch"`` against peers run by this script's
   own ``--memory-peer`` mode, which is ``gossip-train peer`` (trainer.loop.Trainer,
   trainer.peer.Peer, TcpTransport) with the model optionally swapped before the peer starts,
   so a ~10M-parameter MLP can be measured without a new model in trainer/. Each peer
   reports its RSS at every stage (imports, data, model, each event).
 
-    .venv/bin/python benchmarks/gossip.py                       # all, 3 reps: ~25 min on 2 cores
+    .venv/bin/python benchmarks/gossip.py                       # all, 3 reps: 15-30 min on 2 cores
     .venv/bin/python benchmarks/gossip.py --quick               # smoke run, bundled data set
     .venv/bin/python benchmarks/gossip.py --only tta,overhead --reps 5 --json out.json
 """

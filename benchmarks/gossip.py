@@ -127,11 +127,13 @@ class GossipBenchConfig:
     # A hivemind run that has not reached the target by then is recorded as not reached.
     hivemind_timeout: float = 300.0
     # Straggler: peers, local epochs, and the slowed peer's factor (4 = a quarter speed).
+    # Enough epochs that the window in which all four train spans several progress events
+    # (every 0.5 s) on a quiet box: 2 epochs gave windows of 0.7-1.6 s.
     straggler_peers: int = 4
-    straggler_epochs: float = 2.0
+    straggler_epochs: float = 6.0
     slowdown: float = 4.0
-    # Overhead: local epochs of each of the 2 peers.
-    overhead_epochs: float = 2.0
+    # Overhead: local epochs of each of the 2 peers (6: a window of ~5 s on a quiet box).
+    overhead_epochs: float = 6.0
     # Start-up: peers launched, local epochs, and linger. Only the first exchange matters,
     # but every peer joins through peer-0, which must still be there when the last one
     # (slow to start under load) joins, or that peer fails the run.
@@ -155,8 +157,8 @@ QUICK = GossipBenchConfig(
     reps=1,
     tta_peers=(2,),
     tta_epochs=1.0,
-    straggler_epochs=4.0,
-    overhead_epochs=2.0,
+    straggler_epochs=20.0,
+    overhead_epochs=10.0,
     startup_peers=4,
     big_hidden=2_000,
     timeout=300.0,

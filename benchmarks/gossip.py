@@ -57,12 +57,14 @@ if __name__ == "gossip":
     _spec.loader.exec_module(_package)
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -525,15 +527,18 @@ def hivemind_tta(cfg: GossipBenchConfig, runs: Runs, peers: int, python: str) ->
                 json.dumps({**spec, "index": index}),
             ]
             log_file = open(run_dir / f"peer-{index}.log", "w")  # noqa: SIM115 - the child's
+            # Its own session: a hivemind peer starts a DHT process, an averager process and
+            # a p2pd daemon, which must all go when the peer is stopped.
             procs.append(subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log_file,
-                                          text=True))  # fmt: skip
+                                          text=True, start_new_session=True))  # fmt: skip
             log_file.close()
             if index == 0:
                 spec["initial_peers"] = wait_line(procs[0], "MADDRS ", cfg.timeout)
         evals = hivemind_evals(procs, cfg.target, launched + cfg.hivemind_timeout)
     finally:
         for proc in procs:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return hivemind_result(peers, evals, cfg, launched, load, run_dir)
 

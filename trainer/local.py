@@ -390,9 +390,9 @@ class LocalRun:
             await self._make_proxy()
         check_target(self.actions, self.net, "--chaos")
         self.note(None, "network", mode=self.mode, peers={c.name: c.addr for c in self.children})
-        seeds = [self.children[0].addr]
         for c in self.children:
-            await self._start(c, seeds if c.index else [])
+            # Every later peer may join through any earlier one: the first that answers wins.
+            await self._start(c, [p.addr for p in self.children[: c.index]])
         view = asyncio.create_task(self._view())
         chaos = asyncio.create_task(self._chaos()) if self.actions else None
         try:

@@ -1,7 +1,7 @@
 """Phase timers for one side of an exchange, attached from outside the code under test.
 
-``instrument(exchanger)`` wraps the store's snapshot and mix, the update check, the own-weights
-check, the connect + handshake and the decoder's payload allocation with wall-clock timers
+``instrument(exchanger)`` wraps the store's snapshot and add, the delta and update check, the
+connect + handshake and the decoder's payload buffer with wall-clock timers
 (in this process only; the measured modules are not edited). What is left of an exchange's
 time after these phases is the transfer itself: socket I/O, framing and the event loop.
 """
@@ -69,13 +69,13 @@ class PhaseClock:
 def instrument(exchanger: Exchanger, clock: PhaseClock) -> None:
     """Wrap the phases of ``exchanger``'s exchanges (both roles) with ``clock``'s timers."""
     store: Any = exchanger.store
-    store.snapshot = clock.timed_async("snapshot (copy)", store.snapshot)
-    store.mix = clock.timed_async("mix", store.mix)
-    exchanger._check_own = clock.timed("own isfinite", exchanger._check_own)  # type: ignore[method-assign]
+    # Both run in worker threads and take the store's lock.
+    store.snapshot_into = clock.timed("snapshot (copy)", store.snapshot_into)
+    store.add_scaled = clock.timed("mix (add)", store.add_scaled)
     exchanger.node.open = clock.timed_async("connect + handshake", exchanger.node.open)  # type: ignore[method-assign]
-    # The update check runs in a worker thread; it is looked up in the module at call time.
-    gx.check_update = clock.timed("check_update", gx.check_update)
-    # The payload buffer is allocated (and zeroed) when the frame header is decoded.
+    # The delta and its norm (the update check) are looked up in the module at call time.
+    gx.checked_delta = clock.timed("delta + check", gx.checked_delta)
+    # The payload buffer is taken (from the pool, or allocated) when the header is decoded.
     framing.Decoder._header_done = clock.timed(  # type: ignore[method-assign]
-        "payload alloc", framing.Decoder._header_done
+        "payload buffer", framing.Decoder._header_done
     )

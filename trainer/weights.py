@@ -44,11 +44,6 @@ class FlatWeights:
         with self.lock, torch.no_grad():
             self.flat.add_(d, alpha=alpha)  # one fused pass, no temporary
 
-    def copy(self) -> np.ndarray:
-        out = np.empty_like(self.array)
-        self.snapshot_into(out)
-        return out
-
     def load(self, vector: np.ndarray) -> None:
         if vector.shape != self.array.shape:
             raise ValueError(f"weight vector of {vector.size} values, model has {self.array.size}")

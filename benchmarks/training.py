@@ -31,30 +31,12 @@ event's time since launch. The same thread samples every peer's CPU time and RSS
   so a ~10M-parameter MLP can be measured without a new model in trainer/. Each peer
   reports its RSS at every stage (imports, data, model, each event).
 
-    .venv/bin/python benchmarks/gossip.py                       # all, 3 reps: 15-30 min on 2 cores
-    .venv/bin/python benchmarks/gossip.py --quick               # smoke run, bundled data set
-    .venv/bin/python benchmarks/gossip.py --only tta,overhead --reps 5 --json out.json
+    .venv/bin/python benchmarks/training.py                     # all, 3 reps: 15-30 min on 2 cores
+    .venv/bin/python benchmarks/training.py --quick             # smoke run, bundled data set
+    .venv/bin/python benchmarks/training.py --only tta,overhead --reps 5 --json out.json
 """
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
-
-if __name__ == "gossip":
-    # Scripts in benchmarks/ have this folder first on sys.path, so their ``import gossip``
-    # lands here instead of in the gossip package. Load the package and put it in our place:
-    # the import system returns whatever sys.modules holds once this file has run.
-    _spec = importlib.util.spec_from_file_location(
-        "gossip",
-        Path(__file__).resolve().parents[1] / "gossip" / "__init__.py",
-        submodule_search_locations=[str(Path(__file__).resolve().parents[1] / "gossip")],
-    )
-    assert _spec is not None and _spec.loader is not None
-    _package = importlib.util.module_from_spec(_spec)
-    sys.modules["gossip"] = _package
-    _spec.loader.exec_module(_package)
 
 import argparse
 import contextlib
@@ -67,12 +49,14 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import baselines
@@ -1268,7 +1252,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="gossip-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "benchmark": "gossip",
+        "benchmark": "training",
         "command": command_line(),
         "machine": machine_info(),
         "config": asdict(cfg),
@@ -1288,7 +1272,7 @@ def check_data(cfg: GossipBenchConfig) -> None:
     """MNIST must be there for a full run (and for the baselines, even in a quick one)."""
     needs = cfg.dataset != "default" or cfg.with_baselines
     if needs and not Path(cfg.data).is_dir():
-        sys.exit(f"gossip.py: MNIST folder {cfg.data} not found (see --data)")
+        sys.exit(f"training.py: MNIST folder {cfg.data} not found (see --data)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,14 @@ import torch
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+class OptimizerState(Protocol):
+    """What a checkpoint needs of an optimizer (``torch.optim`` ones and ``FlatAdam``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 # Key -> accepted types. ``time`` may be an int when a caller passes a whole-second stamp.
 REQUIRED_KEYS: dict[str, tuple[type, ...]] = {
@@ -455,7 +463,7 @@ def validate_model(
 def restore_training_state(
     ckpt: Mapping[str, Any],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: OptimizerState | None = None,
     source: str = "checkpoint",
 ) -> None:
     """Check the weights against ``model``, then load model and optimizer state."""
@@ -464,7 +472,7 @@ def restore_training_state(
     if optimizer is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
             raise CheckpointError(
                 f"{source}: optimizer state does not fit ({_first_line(exc)})"
             ) from exc
@@ -530,7 +538,7 @@ def _clone_tree(obj: Any) -> Any:
 
 
 def snapshot_model_optimizer(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    model: torch.nn.Module, optimizer: OptimizerState | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """CPU copies of model and optimizer state, safe to serialize while training goes on.
 

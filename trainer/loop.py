@@ -32,6 +32,7 @@ from .checkpoint import (
 from .config import CheckpointConfig, TrainConfig
 from .data import BatchIterator, Dataset, load_dataset
 from .models import build_model, evaluate
+from .optim import FlatAdam
 from .partition import partition
 from .weights import FlatWeights
 
@@ -86,7 +87,7 @@ class Trainer:
             cfg.model, self.data.input_shape, self.data.num_classes, seed=cfg.seed
         )
         self.weights = FlatWeights(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = FlatAdam(self.weights, lr=cfg.lr)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.total_steps = max(1, math.ceil(cfg.epochs * self.batches.batches_per_epoch))
         self.step = 0
@@ -200,7 +201,7 @@ class Trainer:
             x, y = next(self.batches)
             t0 = time.perf_counter()
             with lock:
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss = self.loss_fn(model(x), y)
                 loss.backward()
                 opt.step()

@@ -29,6 +29,7 @@ class FlatWeights:
                 n = p.numel()
                 p.data = self.flat[offset : offset + n].view_as(p)
                 offset += n
+        self.params = [p for _, p in named]
         self.array = self.flat.numpy()  # shares memory with the parameters
         self.schema = schema_hash((n, tuple(p.shape), str(p.dtype)) for n, p in named)
         self.nbytes = self.array.nbytes

@@ -133,12 +133,6 @@ def _preload(dataset: str, data_dir: str | None) -> None:
     from trainer.loop import preload_dataset
 
     preload_dataset(dataset, data_dir)
-    # The first optimizer step imports torch._dynamo and friends lazily: ~1.5 CPU s that
-    # every forked peer would otherwise pay again. One tiny step here pays it once.
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([param])
-    param.sum().backward()
-    opt.step()
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ def alive_count(peer):
 
 def test_kill_is_detected_and_a_short_pause_is_not(tmp_path):
     common = ("--epochs", "10000", "--num-peers", "4")
-    first = PeerProc("p0", tmp_path, "--index", "0", *common)
+    first = PeerProc.named("p0", tmp_path, "--index", "0", *common)
     peers = [first] + [
-        PeerProc(f"p{i}", tmp_path, "--index", str(i), "--join", first.addr, *common)
+        PeerProc.named(f"p{i}", tmp_path, "--index", str(i), "--join", first.addr, *common)
         for i in range(1, 4)
     ]
     try:
@@ -48,7 +48,8 @@ def test_kill_is_detected_and_a_short_pause_is_not(tmp_path):
         t_kill = time.monotonic()
         for p in (peers[0], peers[1], peers[3]):
             p.wait_for(
-                lambda e: e["kind"] == "declared_dead" and e.get("subject") == "p2",
+                "declared_dead",
+                lambda e: e.get("subject") == "p2",
                 timeout=max(1.0, 20 - (time.monotonic() - t_kill)),
             )
 
@@ -66,12 +67,12 @@ def test_kill_is_detected_and_a_short_pause_is_not(tmp_path):
         assert all(p.proc.poll() is None for p in (peers[0], peers[1], peers[3]))
     finally:
         for p in peers:
-            p.stop()
+            p.kill()
 
 
 def test_graceful_leave_is_announced_as_left(tmp_path):
-    first = PeerProc("a", tmp_path, "--epochs", "10000", "--num-peers", "2")
-    second = PeerProc(
+    first = PeerProc.named("a", tmp_path, "--epochs", "10000", "--num-peers", "2")
+    second = PeerProc.named(
         "b",
         tmp_path,
         "--epochs",
@@ -86,10 +87,10 @@ def test_graceful_leave_is_announced_as_left(tmp_path):
         "0",
     )
     try:
-        second.wait_for(lambda e: e["kind"] == "finished", 120)
+        second.wait_for("finished", timeout=120)
         assert second.proc.wait(timeout=30) == 0
-        first.wait_for(lambda e: e["kind"] == "left" and e.get("subject") == "b", 10)
+        first.wait_for("left", lambda e: e.get("subject") == "b", timeout=10)
         assert not [e for e in first.events if e["kind"] == "declared_dead"]
     finally:
-        first.stop()
-        second.stop()
+        first.kill()
+        second.kill()

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,102 +22,33 @@ from typing import Any
 import pytest
 import torch
 from conftest import ROOT, cli
+from peerproc import PeerProc
 
 pytestmark = pytest.mark.real
 
 torch.set_num_threads(1)
 
-Event = dict[str, Any]
+
+def peer(args: list[str], stderr: Path) -> PeerProc:
+    """A `gossip-train peer` process with one torch thread (tests/peerproc.py)."""
+    return PeerProc(["--threads", "1", *args], stderr)
 
 
-class Life:
-    """One process of a peer: `gossip-train peer --events jsonl ...`, its events as they come."""
-
-    def __init__(self, args: list[str], stderr: Path, wrap: list[str] | None = None) -> None:
-        self.stderr = stderr
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-        with open(stderr, "ab") as err:
-            self.proc = subprocess.Popen(
-                [*(wrap or []), *cli("peer", "--events", "jsonl", "--threads", "1", *args)],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(event)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, kind: str, pred: Callable[[Event], bool] = lambda e: True) -> Event:
-        """The first event of ``kind`` that satisfies ``pred``; fails if the process ends
-        first or nothing comes within 90 s (a loaded 2-core machine starts torch slowly)."""
-        deadline = time.monotonic() + 90.0
-        with self._cond:
-            while True:
-                for event in self.events:
-                    if event["kind"] == kind and pred(event):
-                        return event
-                if not self._reader.is_alive():
-                    raise AssertionError(f"peer exited before {kind}: {self.err_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no {kind} event within 90 s: {self.err_tail()}")
-                self._cond.wait(min(left, 1.0))
-
-    def of(self, kind: str) -> list[Event]:
-        with self._cond:
-            return [e for e in self.events if e["kind"] == kind]
-
-    def kill(self) -> int:
-        self.proc.send_signal(signal.SIGKILL)
-        return self.close(10.0)
-
-    def close(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(10.0)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-        return rc
-
-    def err_tail(self) -> str:
-        return self.stderr.read_text(errors="replace")[-2000:]
-
-
-Spawn = Callable[..., Life]
+Spawn = Callable[[list[str], Path], PeerProc]
 
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
     """Start peer processes that are killed at teardown if a failed test left them running."""
-    lives: list[Life] = []
+    lives: list[PeerProc] = []
 
-    def start(args: list[str], stderr: Path, wrap: list[str] | None = None) -> Life:
-        lives.append(Life(args, stderr, wrap))
+    def start(args: list[str], stderr: Path) -> PeerProc:
+        lives.append(peer(args, stderr))
         return lives[-1]
 
     yield start
     for life in lives:
-        out = life.proc.stdout
-        if life.proc.poll() is None or (out is not None and not out.closed):
-            life.kill()
+        life.kill()  # a no-op for one that was closed already
 
 
 def free_port() -> int:
@@ -423,7 +353,7 @@ def test_newcomer_starts_from_the_swarm_and_a_restarted_seed_rejoins_on_its_own(
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint folder from a short solo run: steps 120, 160 and 188 (the end)."""
     base = tmp_path_factory.mktemp("trained")
-    life = Life(
+    life = peer(
         [
             "--epochs",
             "0.5",

@@ -68,13 +68,33 @@ class PhaseClock:
 
 def instrument(exchanger: Exchanger, clock: PhaseClock) -> None:
     """Wrap the phases of ``exchanger``'s exchanges (both roles) with ``clock``'s timers."""
-    store: Any = exchanger.store
-    # Both run in worker threads and take the store's lock.
-    store.snapshot_into = clock.timed("snapshot (copy)", store.snapshot_into)
-    store.add_scaled = clock.timed("mix (add)", store.add_scaled)
+    # On the event loop when the weights are free, else in a worker thread. The responder
+    # copies its snapshot piece by piece while sending it: that is inside "transfer".
+    ex: Any = exchanger
+    ex._take_snapshot = clock.timed_async("snapshot (copy)", ex._take_snapshot)
+    ex._mix = clock.timed_async("mix (add)", ex._mix)
     exchanger.node.open = clock.timed_async("connect + handshake", exchanger.node.open)  # type: ignore[method-assign]
-    # The delta and its norm (the update check) are looked up in the module at call time.
-    gx.checked_delta = clock.timed("delta + check", gx.checked_delta)
+    # The delta and its norms: pieces while the payload arrives, the rest after its last byte.
+    ds = gx.DeltaStream
+    advance, finish = ds._advance, ds.finish
+    after_last_byte = False
+
+    def timed_advance(self: Any, remote: Any, upto: int) -> None:
+        if after_last_byte:
+            advance(self, remote, upto)  # timed as part of finish
+        else:
+            clock.timed("delta while receiving", advance)(self, remote, upto)
+
+    def timed_finish(self: Any, remote: Any) -> Any:
+        nonlocal after_last_byte
+        after_last_byte = True
+        try:
+            return clock.timed("delta after last byte + check", finish)(self, remote)
+        finally:
+            after_last_byte = False
+
+    ds._advance = timed_advance  # type: ignore[method-assign]
+    ds.finish = timed_finish  # type: ignore[method-assign]
     # The payload buffer is taken (from the pool, or allocated) when the header is decoded.
     framing.Decoder._header_done = clock.timed(  # type: ignore[method-assign]
         "payload buffer", framing.Decoder._header_done

@@ -6,6 +6,9 @@ delta against the snapshot it sent, so local steps taken while the exchange was 
 are kept (AD-PSGD, Lian et al. 2018):
 
     current <- current + alpha * (remote - snapshot),   alpha = 1/2
+
+``DeltaStream`` computes that delta in place in the receive buffer while the payload is
+still arriving, so the mix after the last byte is one add.
 """
 
 from __future__ import annotations
@@ -40,6 +43,35 @@ class UpdateGuard:
     absolute_floor: float = 1.0
 
 
+def judge(dist_sq: float, snap_sq: float, guard: UpdateGuard = UpdateGuard()) -> None:
+    """Raise ``UpdateRejected`` unless a delta of squared norm ``dist_sq`` may be applied.
+
+    NaN or infinity anywhere in the remote vector makes ``dist_sq`` non-finite (our
+    snapshot is finite, or ``snap_sq`` says it is not), and a distance beyond ``guard``
+    times our own norm means an implausible jump.
+    """
+    if not math.isfinite(snap_sq):
+        raise UpdateRejected("our own weights are not finite; not exchanging")
+    if not math.isfinite(dist_sq):
+        raise UpdateRejected("weight vector holds NaN or infinity")
+    dist = math.sqrt(dist_sq)
+    limit = guard.max_relative_distance * math.sqrt(snap_sq) + guard.absolute_floor
+    if dist > limit:
+        raise UpdateRejected(f"weight vector implausibly far from ours ({dist:.3g} > {limit:.3g})")
+
+
+def _match(remote: np.ndarray, snapshot: np.ndarray) -> None:
+    if remote.shape != snapshot.shape or remote.dtype != snapshot.dtype:
+        raise UpdateRejected(
+            f"weight vector {remote.dtype}{list(remote.shape)} does not match "
+            f"ours {snapshot.dtype}{list(snapshot.shape)}"
+        )
+
+
+def _sq(v: np.ndarray) -> float:
+    return float(np.dot(v, v))  # BLAS; overflow gives inf, which judge() refuses
+
+
 def checked_delta(
     remote: np.ndarray,
     snapshot: np.ndarray,
@@ -47,25 +79,68 @@ def checked_delta(
     out: np.ndarray,
     guard: UpdateGuard = UpdateGuard(),
 ) -> np.ndarray:
-    """``out = remote - snapshot``, or ``UpdateRejected`` if it must not be applied.
-
-    One pass makes the delta; its norm is both checks: NaN or infinity anywhere in
-    ``remote`` makes the norm non-finite (our snapshot is finite), and a norm beyond
-    ``guard`` means an implausible jump. The mix then adds half of ``out``.
-    """
-    if remote.shape != snapshot.shape or remote.dtype != snapshot.dtype:
-        raise UpdateRejected(
-            f"weight vector {remote.dtype}{list(remote.shape)} does not match "
-            f"ours {snapshot.dtype}{list(snapshot.shape)}"
-        )
+    """``out = remote - snapshot``, or ``UpdateRejected`` if it must not be applied."""
+    _match(remote, snapshot)
     np.subtract(remote, snapshot, out=out)
-    dist = float(np.linalg.norm(out))
-    if not math.isfinite(dist):
-        raise UpdateRejected("weight vector holds NaN or infinity")
-    limit = guard.max_relative_distance * snapshot_norm + guard.absolute_floor
-    if dist > limit:
-        raise UpdateRejected(f"weight vector implausibly far from ours ({dist:.3g} > {limit:.3g})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        judge(_sq(out), snapshot_norm**2, guard)
     return out
+
+
+class DeltaStream:
+    """``remote - snapshot``, scaled by ``alpha``, computed in place while ``remote`` arrives.
+
+    The transport reports how much of a payload buffer has been filled (``feed``); each
+    new stretch of at least ``chunk`` bytes is turned into ``alpha * (remote - snapshot)``
+    right away, while it is still in cache, and both squared norms are summed on the way.
+    ``finish`` does the rest and judges the result, so after the last byte only the tail
+    and the final add remain. Without progress reports, ``finish`` does it all in one go.
+    The receive buffer then holds the delta: the mix is ``current += buffer``.
+    """
+
+    def __init__(
+        self,
+        snapshot: np.ndarray,
+        alpha: float = 0.5,
+        guard: UpdateGuard = UpdateGuard(),
+        chunk: int = 512 << 10,
+    ) -> None:
+        self.snapshot = snapshot
+        self.alpha = np.float32(alpha)
+        self.guard = guard
+        self.chunk = max(1, chunk // snapshot.itemsize)
+        self.done = 0  # values of the buffer already turned into delta
+        self.valid = snapshot.size  # values of the snapshot already taken (see Exchanger)
+        self.dist_sq = 0.0
+        self.snap_sq = 0.0
+
+    def feed(self, buffer: memoryview, filled: int) -> None:
+        """``buffer``'s first ``filled`` bytes have arrived (the rest is still coming)."""
+        if buffer.nbytes != self.snapshot.nbytes:
+            return  # not a weight payload of ours; finish() refuses it
+        upto = min(filled // self.snapshot.itemsize, self.valid)
+        if upto - self.done >= self.chunk:
+            self._advance(np.frombuffer(buffer, dtype=self.snapshot.dtype), upto)
+
+    def _advance(self, remote: np.ndarray, upto: int) -> None:
+        r, s = remote[self.done : upto], self.snapshot[self.done : upto]
+        np.subtract(r, s, out=r)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.dist_sq += _sq(r)
+            self.snap_sq += _sq(s)
+            if self.alpha != 1:
+                r *= self.alpha
+        self.done = upto
+
+    def finish(self, remote: np.ndarray) -> np.ndarray:
+        """Complete the delta in ``remote`` (the whole received vector) and judge it."""
+        _match(remote, self.snapshot)
+        if self.valid != self.snapshot.size:
+            raise RuntimeError("the snapshot was not complete")  # a bug, not a bad peer
+        if self.done < remote.size:
+            self._advance(remote, remote.size)
+        judge(self.dist_sq, self.snap_sq, self.guard)
+        return remote
 
 
 def check_update(remote: np.ndarray, local: np.ndarray, guard: UpdateGuard = UpdateGuard()) -> None:

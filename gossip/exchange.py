@@ -2,18 +2,25 @@
 
     initiator                                  responder
     EXCH_OFFER {schema, nbytes}   ------>      busy / other schema?  -> EXCH_DECLINE {reason}
-    snapshot w_i (meanwhile)      <------      EXCH_ACCEPT, then snapshot w_r
+                                  <------      EXCH_ACCEPT
     EXCH_PAYLOAD [w_i]            <----->      EXCH_PAYLOAD [w_r]      (both directions at once)
     check, mix(w_r - w_i)                      check, mix(w_i - w_r)
+
+Each side copies its snapshot w piece by piece as it sends it, and turns the payload it
+receives into the delta piece by piece as it arrives.
 
 Both payloads are in flight at the same time, so an exchange costs about one transfer,
 not two. A busy peer declines at once and the initiator tries another neighbour, so two
 peers that pick each other never deadlock. Nothing here knows about torch: weights come
 from a ``WeightStore``.
 
-The hot path allocates nothing per exchange: snapshots and deltas go to buffers the
-exchanger owns, payloads land in the transport's reusable receive buffers, the check and
-the delta are one pass, and connections to neighbours are kept between exchanges.
+The hot path allocates nothing per exchange and leaves little for after the last byte:
+the snapshot goes to a buffer the exchanger owns, the payload lands in one of the
+transport's reusable receive buffers, and the delta against the snapshot (with the norms
+that check it) is computed in that buffer, chunk by chunk, while the payload is still
+arriving (``DeltaStream``). After the last byte only the check's verdict and one add
+remain. Snapshot and add run on the event loop when the weights are free (no thread
+hand-off); connections to neighbours are kept between exchanges.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,32 +41,84 @@ from p2p.framing import Frame, MsgType
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
-from .averaging import UpdateGuard, UpdateRejected, checked_delta
+from .averaging import DeltaStream, UpdateGuard, UpdateRejected
 
 log = logging.getLogger(__name__)
 
-# Checks of payloads below this size run on the event loop: handing them to a worker
-# thread costs more than the check (0.3 ms for 1M floats).
-INLINE_MAX = 8 << 20
+# Snapshots and adds of models up to this size may run on the event loop (a 64 MB copy is
+# ~10 ms); larger ones always go to a worker thread, so the loop keeps answering pings.
+INLINE_MAX = 64 << 20
 
 
 class WeightStore(Protocol):
-    """What the exchange needs from a model: a schema, a snapshot, an in-place add.
+    """What the exchange needs from a model: a schema, the live flat weights, their lock.
 
-    Both methods may block until the current training step ends; the exchanger calls
-    them from a worker thread.
+    The training thread holds ``lock`` for each step; the exchanger holds it to copy a
+    snapshot out of ``array`` and to add a delta into it, so both land between steps. It
+    tries that on the event loop first (a thread hand-off costs more than copying a small
+    model) and waits for the lock in a worker thread only when a step holds it.
     """
 
     schema: str
     nbytes: int
+    lock: threading.Lock
+    array: np.ndarray  # the live weights, flat float32
 
-    def snapshot_into(self, out: np.ndarray) -> None:
-        """Copy the current flat float32 weights into ``out``."""
-        ...
 
-    def add_scaled(self, delta: np.ndarray, alpha: float) -> None:
-        """current += alpha * delta."""
-        ...
+def _copy(store: WeightStore, out: np.ndarray) -> None:
+    with store.lock:
+        np.copyto(out, store.array)
+
+
+def _add(store: WeightStore, delta: np.ndarray) -> None:
+    with store.lock:
+        np.add(store.array, delta, out=store.array)  # one pass, no temporary
+
+
+class _SnapshotPieces:
+    """Copies the snapshot piece by piece under the already-held lock, for ``send_produced``.
+
+    Each piece goes on the wire while the next is copied, so the responder's payload starts
+    moving after one piece instead of after the whole copy. The lock is released as soon as
+    the copy is complete, or when the send gives up (``close``).
+    """
+
+    PIECE = 1 << 18  # float32 values: 1 MB
+
+    def __init__(self, store: WeightStore, out: np.ndarray, stream: DeltaStream) -> None:
+        self.store, self.out, self.stream = store, out, stream
+        self.held = True
+
+    def __iter__(self) -> Iterator[int]:
+        src, out, n = self.store.array, self.out, self.out.size
+        try:
+            for start in range(0, n, self.PIECE):
+                end = min(n, start + self.PIECE)
+                np.copyto(out[start:end], src[start:end])
+                self.stream.valid = end
+                yield end * out.itemsize
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.held:
+            self.held = False
+            self.store.lock.release()
+
+
+async def _finish_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread; on cancellation, still wait for it to end.
+
+    The arguments are buffers the exchanger reuses: one must not be handed out again while
+    a thread may still be writing or reading it.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 class IncompatiblePeer(Exception):
@@ -123,9 +183,11 @@ class Exchanger:
         self.training = True  # said in our offers; lingering peers wait for those to stop
         self.last_training_offer = time.monotonic()  # when a training peer last offered
         self._busy = False
-        n = store.nbytes // 4
-        self._snap = np.empty(n, dtype=np.float32)  # our snapshot, reused every exchange
-        self._delta = np.empty(n, dtype=np.float32)  # remote - snapshot, reused
+        self._snap = np.empty(store.nbytes // 4, dtype=np.float32)  # reused every exchange
+        self._inline = store.nbytes <= INLINE_MAX
+        # Set when our own snapshot was not finite: until it is again, check it before
+        # sending, so a diverged peer stops spreading NaN (receivers refuse it anyway).
+        self._check_own = False
         self._conns: OrderedDict[str, Connection] = OrderedDict()
         node.handlers[MsgType.EXCH_OFFER] = self._on_offer
         node.handlers[MsgType.PULL_REQ] = self._on_pull
@@ -165,36 +227,29 @@ class Exchanger:
 
     async def _exchange_on(self, conn: Connection, addr: str, t0: float) -> Outcome:
         kept = False
-        snap_task: asyncio.Task[float] | None = None
         try:
             await conn.send(MsgType.EXCH_OFFER, self._offer())
-            # Our snapshot overlaps the round trip and the responder's own snapshot.
-            snap_task = asyncio.create_task(self._take_snapshot())
             async with asyncio.timeout(self.config.accept_timeout):
                 reply = await conn.recv()
             if reply.type != MsgType.EXCH_ACCEPT:
                 kept = reply.type == MsgType.EXCH_DECLINE
                 return self._declined(addr, reply)
-            norm = await snap_task
-            sent, frame = await asyncio.gather(
-                conn.send(MsgType.EXCH_PAYLOAD, {}, [self._snap]),
-                conn.recv(),
-                return_exceptions=True,
-            )
+            try:
+                sent, frame = await asyncio.gather(
+                    self._send_snapshot(conn), conn.recv(), return_exceptions=True
+                )
+            finally:
+                conn.watch_payload(None)
             if isinstance(frame, Frame) and frame.type == MsgType.ERROR:
                 return Outcome(False, addr, str(frame.header.get("reason", "?")))
             for result in (frame, sent):
                 if isinstance(result, BaseException):
                     raise result
-            assert isinstance(frame, Frame)
-            await self._apply(addr, norm, frame)
+            assert isinstance(frame, Frame) and isinstance(sent, DeltaStream)
+            await self._apply(addr, sent, frame)
             kept = True
             return Outcome(True, addr, seconds=time.perf_counter() - t0)
         finally:
-            if snap_task is not None and not snap_task.done():
-                # The buffer is ours again only once the copy has finished.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(snap_task)
             if kept:
                 self._keep(addr, conn)
             else:
@@ -222,33 +277,75 @@ class Exchanger:
             self.incompatible[addr] = reason
         return Outcome(False, addr, reason, busy=bool(reply.header.get("busy")))
 
-    async def _take_snapshot(self) -> float:
-        """Copy our weights into the snapshot buffer; return its norm (checked finite)."""
-        await asyncio.to_thread(self.store.snapshot_into, self._snap)
-        norm = float(np.linalg.norm(self._snap))
-        if not np.isfinite(norm):
-            # A diverged peer must not spread NaN: it sits out until it recovers or restarts.
-            raise UpdateRejected("our own weights are not finite; not exchanging")
-        return norm
+    async def _take_snapshot(self) -> None:
+        """Copy our weights into the snapshot buffer (on the loop if they are free)."""
+        if self._inline and self.store.lock.acquire(blocking=False):
+            try:
+                np.copyto(self._snap, self.store.array)
+            finally:
+                self.store.lock.release()
+        else:
+            await _finish_in_thread(_copy, self.store, self._snap)
+        if self._check_own:
+            if not np.isfinite(np.dot(self._snap, self._snap)):
+                raise UpdateRejected("our own weights are not finite; not exchanging")
+            self._check_own = False
 
-    async def _apply(self, addr: str, norm: float, frame: Frame) -> None:
+    def _stream(self, conn: Connection, valid: int | None = None) -> DeltaStream:
+        """Start computing the delta of the payload ``conn`` is about to receive."""
+        stream = DeltaStream(self._snap, 0.5, self.config.guard)
+        if valid is not None:
+            stream.valid = valid
+
+        def progress(frame_type: int, buffer: memoryview, filled: int) -> None:
+            if frame_type == MsgType.EXCH_PAYLOAD:
+                stream.feed(buffer, filled)
+
+        conn.watch_payload(progress)
+        return stream
+
+    async def _send_snapshot(self, conn: Connection) -> DeltaStream:
+        """Snapshot our weights and send them; return the stream for the incoming payload.
+
+        When the weights are free, the copy and the send are interleaved piece by piece.
+        """
+        if self._inline and not self._check_own and self.store.lock.acquire(blocking=False):
+            stream = self._stream(conn, valid=0)
+            pieces = _SnapshotPieces(self.store, self._snap, stream)
+            try:
+                await conn.send_produced(MsgType.EXCH_PAYLOAD, {}, self._snap, iter(pieces))
+            finally:
+                pieces.close()
+            return stream
+        await self._take_snapshot()
+        stream = self._stream(conn)
+        await conn.send(MsgType.EXCH_PAYLOAD, {}, [self._snap])
+        return stream
+
+    async def _apply(self, addr: str, stream: DeltaStream, frame: Frame) -> None:
         try:
             if frame.type != MsgType.EXCH_PAYLOAD or frame.payload.nbytes != self._snap.nbytes:
                 raise UpdateRejected(f"{addr} sent a malformed payload")
-            remote = np.frombuffer(frame.payload, dtype=np.float32)
-            args = (remote, self._snap, norm, self._delta, self.config.guard)
-            if self.store.nbytes < INLINE_MAX:
-                checked_delta(*args)
-                await asyncio.to_thread(self.store.add_scaled, self._delta, 0.5)
-            else:
-                # One hand-off for check and mix: each thread switch costs on a busy box.
-                await asyncio.to_thread(self._check_and_mix, *args)
+            try:
+                delta = stream.finish(np.frombuffer(frame.payload, dtype=np.float32))
+            except UpdateRejected as exc:
+                if str(exc).startswith("our own"):
+                    self._check_own = True
+                raise
+            await self._mix(delta)
         finally:
             frame.release()
         self.exchanges += 1
 
-    def _check_and_mix(self, *args: Any) -> None:
-        self.store.add_scaled(checked_delta(*args), 0.5)
+    async def _mix(self, delta: np.ndarray) -> None:
+        """current += delta (already scaled), on the loop if the weights are free."""
+        if self._inline and self.store.lock.acquire(blocking=False):
+            try:
+                np.add(self.store.array, delta, out=self.store.array)
+            finally:
+                self.store.lock.release()
+        else:
+            await _finish_in_thread(_add, self.store, delta)
 
     # -- responder -------------------------------------------------------------------------
     async def _on_offer(self, conn: Connection, frame: Frame) -> None:
@@ -268,21 +365,22 @@ class Exchanger:
                 await conn.send(MsgType.EXCH_ACCEPT, {})
                 recv_task = asyncio.create_task(conn.recv())
                 try:
-                    norm = await self._take_snapshot()
+                    stream = await self._send_snapshot(conn)
                 except UpdateRejected as exc:
                     await conn.send(MsgType.ERROR, {"reason": str(exc)})
                     conn.close()
                     log.error("%s", exc)
                     return
-                await conn.send(MsgType.EXCH_PAYLOAD, {}, [self._snap])
                 payload = await recv_task
-                await self._apply(conn.peer, norm, payload)
+                conn.watch_payload(None)
+                await self._apply(conn.peer, stream, payload)
         except UpdateRejected as exc:
             self.rejected += 1
             log.warning("refused weights from %s: %s", h.get("name"), exc)
         except (TimeoutError, TransportError, OSError):
             conn.close()  # the initiator died or stalled; our weights are untouched
         finally:
+            conn.watch_payload(None)
             if recv_task is not None and not recv_task.done():
                 recv_task.cancel()
             self._busy = False
@@ -309,7 +407,7 @@ class Exchanger:
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
-        await asyncio.to_thread(self.store.snapshot_into, weights)
+        await _finish_in_thread(_copy, self.store, weights)
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]

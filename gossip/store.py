@@ -12,12 +12,8 @@ class ArrayStore:
         self.weights = np.ascontiguousarray(weights, dtype=np.float32)
         self.schema = schema
         self.nbytes = self.weights.nbytes
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
-    def snapshot_into(self, out: np.ndarray) -> None:
-        with self._lock:
-            np.copyto(out, self.weights)
-
-    def add_scaled(self, delta: np.ndarray, alpha: float) -> None:
-        with self._lock:
-            self.weights += np.float32(alpha) * delta
+    @property
+    def array(self) -> np.ndarray:
+        return self.weights

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ PREFIX = struct.Struct("!2sBBIQ")
 # Protocol versions this build speaks; the handshake picks the highest common one.
 PROTOCOL_VERSIONS = (1,)
 _SCRATCH = 64 * 1024  # small reads go through a scratch buffer; large payloads bypass it
+# Largest read straight into a payload. Bounded so that a consumer watching ``progress``
+# gets the payload in pieces it can still work on while they are in cache, and so that the
+# read that completes a frame (after which there is no more overlap) is a small one.
+_DIRECT_MAX = 1 << 20
 
 
 class MsgType(enum.IntEnum):
@@ -73,9 +77,10 @@ class BufferPool:
     ``Frame.release()``. A frame never released is simply garbage-collected.
     """
 
-    def __init__(self, min_size: int = 1 << 20, keep: int = 4) -> None:
+    def __init__(self, min_size: int = 1 << 20, keep: int = 4, keep_bytes: int = 64 << 20) -> None:
         self.min_size = min_size  # smaller payloads are plain allocations
-        self.keep = keep  # free buffers kept per size
+        self.keep = keep  # free buffers kept per size ...
+        self.keep_bytes = keep_bytes  # ... but at most this many bytes of them (at least one)
         self._free: dict[int, list[bytearray]] = {}
 
     def take(self, nbytes: int) -> memoryview:
@@ -86,7 +91,7 @@ class BufferPool:
         base = view.obj
         if isinstance(base, bytearray) and len(base) == view.nbytes:
             free = self._free.setdefault(view.nbytes, [])
-            if len(free) < self.keep:
+            if len(free) < max(1, min(self.keep, self.keep_bytes // view.nbytes)):
                 free.append(base)
 
 
@@ -141,7 +146,13 @@ class Decoder:
     ``get_buffer()`` says where the next received bytes should be written and
     ``buffer_updated(n)`` reports how many were; ``feed(data)`` does both for callers that
     already hold bytes. Complete frames are collected in ``frames``.
+
+    ``progress``, when set, is called as ``progress(frame_type, payload, filled)`` after each
+    read that lands in a payload still being received, so its consumer can work on the
+    first ``filled`` bytes while the rest arrives (gossip computes its delta that way).
     """
+
+    progress: Callable[[int, memoryview, int], None] | None = None
 
     def __init__(self, limits: Limits | None = None, pool: BufferPool | None = None) -> None:
         self.limits = limits or Limits()
@@ -162,7 +173,7 @@ class Decoder:
     def get_buffer(self) -> memoryview:
         if self._payload is not None and self._payload.nbytes - self._got >= _SCRATCH:
             self._direct = True
-            return self._payload[self._got :]
+            return self._payload[self._got : self._got + _DIRECT_MAX]
         self._direct = False
         return self._scratch
 
@@ -173,6 +184,13 @@ class Decoder:
                 self._finish()
         else:
             self._consume(self._scratch[:n])
+        if self.progress is not None and self._payload is not None and self._got:
+            self.progress(self._type, self._payload, self._got)
+
+    def report_progress(self) -> None:
+        """Call ``progress`` now for the payload in flight, if any (after setting it)."""
+        if self.progress is not None and self._payload is not None and self._got:
+            self.progress(self._type, self._payload, self._got)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data``; return and clear the frames completed so far."""

@@ -13,12 +13,18 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
 from .framing import BufferPool, Decoder, Frame, FrameError, Limits, encode
 
 log = logging.getLogger(__name__)
+
+
+def _close(it: Iterator[Any]) -> None:
+    close = getattr(it, "close", None)  # a generator's: runs its finally blocks now
+    if close is not None:
+        close()
 
 
 class TransportError(ConnectionError):
@@ -66,8 +72,33 @@ class Connection(ABC):
         self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
     ) -> None: ...
 
+    async def send_produced(
+        self, msg_type: int, header: dict[str, Any], buffer: Any, produce: Iterator[int]
+    ) -> None:
+        """Send ``buffer`` as one frame's payload while ``produce`` fills it.
+
+        Each value ``produce`` yields is how many leading bytes of ``buffer`` are final, and
+        it must end at the whole buffer. A transport may put each stretch on the wire as
+        soon as it is ready (TCP does) or wait for the whole buffer (this default). The
+        iterator is run to its end, or closed, before the first await.
+        """
+        try:
+            for _ in produce:
+                pass
+        finally:
+            _close(produce)
+        await self.send(msg_type, header, [buffer])
+
     @abstractmethod
     async def recv(self) -> Frame: ...
+
+    def watch_payload(self, fn: Callable[[int, memoryview, int], None] | None) -> None:
+        """Report partial payloads to ``fn(frame_type, buffer, filled)`` as they arrive.
+
+        Optional: a transport that delivers whole frames only ignores it, and the consumer
+        does its work once the frame is complete. ``None`` stops the reports.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None: ...
@@ -223,10 +254,38 @@ class TcpConnection(Connection):
         self._proto.stats.sent += n
         await self._proto.drain()
 
+    async def send_produced(
+        self, msg_type: int, header: dict[str, Any], buffer: Any, produce: Iterator[int]
+    ) -> None:
+        tr = self._proto.transport
+        if tr is None or tr.is_closing() or self._proto.closed_exc is not None:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        head, view = encode(msg_type, header, [buffer])
+        n = len(head) + view.nbytes
+        tr.write(head)
+        sent = 0
+        try:
+            for ready in produce:
+                if ready > sent:
+                    tr.write(view[sent:ready])  # out while the next stretch is produced
+                    sent = ready
+        finally:
+            _close(produce)
+        if sent != view.nbytes:
+            tr.abort()  # the frame's length is promised; a short frame must not go out
+            raise ConnectionClosed(f"produced {sent} of {view.nbytes} payload bytes")
+        self.bytes_sent += n
+        self._proto.stats.sent += n
+        await self._proto.drain()
+
     async def recv(self) -> Frame:
         frame = await self._proto.next_frame()
         self.bytes_received = self._proto.received
         return frame
+
+    def watch_payload(self, fn: Callable[[int, memoryview, int], None] | None) -> None:
+        self._proto.decoder.progress = fn
+        self._proto.decoder.report_progress()
 
     def close(self) -> None:
         tr = self._proto.transport

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from gossip.averaging import (
+    DeltaStream,
     UpdateRejected,
     check_update,
     mix,
@@ -65,3 +66,57 @@ def test_schema_hash_sees_names_shapes_dtypes():
     assert schema_hash(base) != schema_hash([("w", (4, 3), "float32"), ("b", (4,), "float32")])
     assert schema_hash(base) != schema_hash([("w", (3, 4), "float16"), ("b", (4,), "float32")])
     assert schema_hash(base) != schema_hash([("x", (3, 4), "float32"), ("b", (4,), "float32")])
+
+
+def _stream_through(stream, remote: np.ndarray, rng) -> np.ndarray:
+    """Deliver ``remote`` into a receive buffer in random pieces, as a transport would."""
+    buf = memoryview(bytearray(remote.nbytes))
+    data, filled = memoryview(remote.tobytes()), 0
+    while filled < remote.nbytes:
+        n = min(int(rng.integers(1, 300_000)), remote.nbytes - filled)
+        buf[filled : filled + n] = data[filled : filled + n]
+        filled += n
+        if filled < remote.nbytes:
+            stream.feed(buf, filled)
+    return stream.finish(np.frombuffer(buf, dtype=np.float32))
+
+
+def test_delta_stream_in_pieces_equals_the_one_shot_delta():
+    rng = np.random.default_rng(5)
+    snap = rng.normal(size=700_001).astype(np.float32)  # odd size: pieces split floats
+    remote = (snap + rng.normal(scale=0.1, size=snap.size)).astype(np.float32)
+    stream = DeltaStream(snap, 0.5, chunk=64 << 10)
+    delta = _stream_through(stream, remote, rng)
+    assert stream.done == snap.size
+    np.testing.assert_array_equal(delta, np.float32(0.5) * (remote - snap))
+    assert stream.dist_sq == pytest.approx(float(np.sum((remote - snap) ** 2.0)), rel=1e-4)
+    assert stream.snap_sq == pytest.approx(float(np.sum(snap.astype(np.float64) ** 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spoil, match",
+    [
+        (lambda r: r.__setitem__(-1, np.nan), "NaN or infinity"),  # in the very last chunk
+        (lambda r: r.__setitem__(10, np.inf), "NaN or infinity"),
+        (lambda r: r.__imul__(1000), "implausibly far"),
+    ],
+)
+def test_delta_stream_refuses_bad_vectors(spoil, match):
+    rng = np.random.default_rng(6)
+    snap = rng.normal(size=300_000).astype(np.float32)
+    remote = snap.copy()
+    spoil(remote)
+    with pytest.raises(UpdateRejected, match=match):
+        _stream_through(DeltaStream(snap, 0.5, chunk=32 << 10), remote, rng)
+
+
+def test_delta_stream_knows_our_own_weights_are_bad_and_sizes():
+    snap = np.ones(1000, np.float32)
+    snap[7] = np.nan
+    with pytest.raises(UpdateRejected, match="our own weights"):
+        DeltaStream(snap).finish(np.ones(1000, np.float32))
+    stream = DeltaStream(np.ones(1000, np.float32), chunk=16)
+    stream.feed(memoryview(bytearray(12)), 12)  # another frame's buffer: ignored
+    assert stream.done == 0
+    with pytest.raises(UpdateRejected, match="does not match"):
+        stream.finish(np.ones(999, np.float32))

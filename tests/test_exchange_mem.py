@@ -89,12 +89,25 @@ async def test_non_finite_weights_are_never_applied():
         await asyncio.sleep(0.01)
     assert xb.rejected == 1
     np.testing.assert_array_equal(sb.weights, before_b)
-    # A diverged peer neither spreads its infinity nor takes ours.
+    # A diverged peer's infinity is refused by whoever receives it, and the diverged peer
+    # applies nothing either; having seen its own weights are not finite, it then refuses
+    # to send them at all until they are finite again.
     sb.weights[3] = np.inf
-    before_a = sa.weights.copy()
+    before_a, before_b = sa.weights.copy(), sb.weights.copy()
     out = await xa.exchange(b.addr)
-    assert not out.ok and "not finite" in out.reason
+    assert not out.ok and "NaN or infinity" in out.reason
+    for _ in range(100):
+        if xb.rejected == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert xb.rejected == 2  # b refused the average too: its own half is not finite
+    out = await xa.exchange(b.addr)
+    assert not out.ok and "our own weights are not finite" in out.reason
     np.testing.assert_array_equal(sa.weights, before_a)
+    np.testing.assert_array_equal(sb.weights, before_b)
+    sb.weights[3] = 0.0  # recovered (a restart from a checkpoint, say): b exchanges again
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
 
 
 async def test_garbage_from_a_neighbour_does_not_crash_the_peer():

@@ -100,3 +100,22 @@ def test_truncated_frame_stays_pending():
     assert dec.feed(data[:-1]) == []
     assert not dec.idle
     assert len(dec.feed(data[-1:])) == 1
+
+
+def test_progress_reports_a_payload_while_it_arrives():
+    big = np.arange(200_000, dtype=np.float32)
+    data = memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big]))
+    seen: list[tuple[int, int, int]] = []
+    dec, pos = Decoder(), 0
+    dec.progress = lambda t, buf, filled: seen.append((t, buf.nbytes, filled))
+    while pos < len(data):
+        buf = dec.get_buffer()
+        n = min(len(buf), len(data) - pos, 90_000)
+        buf[:n] = data[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+    (frame,) = dec.frames
+    assert bytes(frame.payload) == big.tobytes()
+    fills = [f for _, _, f in seen]
+    assert len(fills) >= 5 and fills == sorted(fills) and fills[-1] < big.nbytes
+    assert {(t, size) for t, size, _ in seen} == {(MsgType.EXCH_PAYLOAD, big.nbytes)}

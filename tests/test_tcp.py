@@ -4,6 +4,7 @@ import asyncio
 import socket
 
 import numpy as np
+import pytest
 
 from gossip.exchange import Exchanger
 from gossip.store import ArrayStore
@@ -123,6 +124,77 @@ async def test_peer_sockets_give_up_on_unacknowledged_data():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         conn.close()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_delta_is_computed_while_the_payload_arrives(monkeypatch):
+    """Over real TCP, most of the delta is done before the last byte, not after it."""
+    from gossip import averaging
+
+    left: list[int] = []  # values still to do when the whole payload was in
+    finish = averaging.DeltaStream.finish
+
+    def spy(self, remote):
+        left.append(remote.size - self.done)
+        return finish(self, remote)
+
+    monkeypatch.setattr(averaging.DeltaStream, "finish", spy)
+    size = 4_000_000  # 16 MB each way
+    a, sa, xa = await tcp_peer("a", size, 1)
+    b, sb, xb = await tcp_peer("b", size, 2)
+    try:
+        expect = (sa.weights + sb.weights) / 2
+        out = await xa.exchange(b.addr)
+        assert out.ok, out.reason
+        for _ in range(200):
+            if xb.exchanges:
+                break
+            await asyncio.sleep(0.01)
+        np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
+        np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
+    finally:
+        await a.close()
+        await b.close()
+    assert len(left) == 2  # one stream per side
+    assert max(left) < size // 4, left
+
+
+async def test_exchange_waits_for_a_step_that_holds_the_weights():
+    """A training step holding the lock sends snapshot and mix to a worker thread."""
+    a, sa, xa = await tcp_peer("a", 600_000, 1)
+    b, sb, xb = await tcp_peer("b", 600_000, 2)
+    try:
+        expect = (sa.weights + sb.weights) / 2
+        for store in (sa, sb):
+            store.lock.acquire()
+        loop = asyncio.get_running_loop()
+        for store in (sa, sb):  # the "steps" end 50 ms after the exchange starts
+            loop.call_later(0.05, store.lock.release)
+        out = await xa.exchange(b.addr)
+        assert out.ok, out.reason
+        assert out.seconds >= 0.05
+        for _ in range(200):
+            if xb.exchanges:
+                break
+            await asyncio.sleep(0.01)
+        np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
+        np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_short_produced_payload_never_goes_out_as_a_frame():
+    a, _, _ = await tcp_peer("a", 10, 1)
+    b, _, _ = await tcp_peer("b", 10, 2)
+    try:
+        conn = await a.open(b.addr)
+        buf = np.zeros(1000, np.float32)
+        with pytest.raises(TransportError, match="produced 400 of 4000"):
+            await conn.send_produced(MsgType.EXCH_PAYLOAD, {}, buf, iter([100, 400]))
+        assert conn.closed
     finally:
         await a.close()
         await b.close()

@@ -39,6 +39,7 @@ class OptimizerState(Protocol):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
+
 # Key -> accepted types. ``time`` may be an int when a caller passes a whole-second stamp.
 REQUIRED_KEYS: dict[str, tuple[type, ...]] = {
     "format": (int,),

@@ -2,8 +2,9 @@
 
 Every parameter becomes a view into a single contiguous tensor, so a snapshot is one
 memcpy, a mix is one vectorised add, and the bytes on the wire are the tensor's own memory.
-The training thread holds ``lock`` for the length of a step; snapshots and mixes take it
-too, so averaging lands between steps, never inside one.
+The training thread holds ``lock`` for the length of a step; gossip's snapshots and mixes
+take it too (``lock`` and ``array`` are what ``gossip.exchange.WeightStore`` asks for), so
+averaging lands between steps, never inside one.
 """
 
 from __future__ import annotations
@@ -34,16 +35,6 @@ class FlatWeights:
         self.schema = schema_hash((n, tuple(p.shape), str(p.dtype)) for n, p in named)
         self.nbytes = self.array.nbytes
         self.lock = threading.Lock()
-
-    # -- WeightStore for gossip.exchange (called from worker threads) -------------------------
-    def snapshot_into(self, out: np.ndarray) -> None:
-        with self.lock:
-            np.copyto(out, self.array)
-
-    def add_scaled(self, delta: np.ndarray, alpha: float) -> None:
-        d = torch.from_numpy(delta)
-        with self.lock, torch.no_grad():
-            self.flat.add_(d, alpha=alpha)  # one fused pass, no temporary
 
     def load(self, vector: np.ndarray) -> None:
         if vector.shape != self.array.shape:

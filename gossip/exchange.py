@@ -106,13 +106,20 @@ class _SnapshotPieces:
             self.store.lock.release()
 
 
-async def _finish_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a worker thread; on cancellation, still wait for it to end.
+def _cpu_timed(fn: Callable[..., None], *args: Any) -> float:
+    t0 = time.thread_time()
+    fn(*args)
+    return time.thread_time() - t0
 
-    The arguments are buffers the exchanger reuses: one must not be handed out again while
-    a thread may still be writing or reading it.
+
+async def _finish_in_thread(fn: Callable[..., None], *args: Any) -> float:
+    """``fn(*args)`` in a worker thread; return the CPU seconds it took there.
+
+    On cancellation it still waits for the thread to end: the arguments are buffers the
+    exchanger reuses, and one must not be handed out again while a thread may still be
+    writing or reading it.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    task = asyncio.ensure_future(asyncio.to_thread(_cpu_timed, fn, *args))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -130,9 +137,11 @@ class GossipConfig:
     # Start an exchange after this many local steps. Lower mixes faster but spends more CPU
     # on copies and network; 20 steps of the seed MLP are ~20 ms of compute.
     period_steps: int = 20
-    # While training, gossip may take at most this share of wall time: after an exchange of E
-    # seconds the next starts no sooner than E * (1/budget - 1) later, however short the
-    # period. Bounds the overhead on slow links and big models; 0 disables the bound.
+    # While training, gossip may use at most this much CPU per second of wall time (0.1: a
+    # tenth of one core), counting the exchanges a peer answers as well as those it starts.
+    # Over it, the next exchange waits until the peer is back within it (saved-up credit
+    # is capped at a few seconds' worth). Bounds the overhead for big models and busy
+    # peers; 0 disables it.
     time_budget: float = 0.1
     # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
@@ -178,6 +187,10 @@ class Exchanger:
         self.ready = True  # False while catching up: we decline offers until then
         self.exchanges = 0
         self.rejected = 0
+        # CPU seconds spent on exchanges, both those we start and those we answer: the
+        # event loop's share (measured around each exchange, so it includes what else the
+        # loop did meanwhile, little next to an exchange) plus the worker threads'.
+        self.cpu_seconds = 0.0
         self.incompatible: dict[str, str] = {}  # addr or name -> why we stopped trying it
         self.step_fn: Callable[[], int] = lambda: 0  # our training progress, sent with pulls
         self.training = True  # said in our offers; lingering peers wait for those to stop
@@ -203,7 +216,7 @@ class Exchanger:
         if self._busy:
             return Outcome(False, addr, "we are busy", busy=True)
         self._busy = True
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
                 conn = self._conns.pop(addr, None)
@@ -223,6 +236,7 @@ class Exchanger:
             log.warning("refused weights from %s: %s", addr, exc)
             return Outcome(False, addr, f"refused: {exc}")
         finally:
+            self.cpu_seconds += time.thread_time() - cpu0
             self._busy = False
 
     async def _exchange_on(self, conn: Connection, addr: str, t0: float) -> Outcome:
@@ -285,7 +299,7 @@ class Exchanger:
             finally:
                 self.store.lock.release()
         else:
-            await _finish_in_thread(_copy, self.store, self._snap)
+            self.cpu_seconds += await _finish_in_thread(_copy, self.store, self._snap)
         if self._check_own:
             if not np.isfinite(np.dot(self._snap, self._snap)):
                 raise UpdateRejected("our own weights are not finite; not exchanging")
@@ -345,7 +359,7 @@ class Exchanger:
             finally:
                 self.store.lock.release()
         else:
-            await _finish_in_thread(_add, self.store, delta)
+            self.cpu_seconds += await _finish_in_thread(_add, self.store, delta)
 
     # -- responder -------------------------------------------------------------------------
     async def _on_offer(self, conn: Connection, frame: Frame) -> None:
@@ -359,6 +373,7 @@ class Exchanger:
             await conn.send(MsgType.EXCH_DECLINE, {"busy": True, "reason": "busy"})
             return
         self._busy = True
+        cpu0 = time.thread_time()
         recv_task: asyncio.Task[Frame] | None = None
         try:
             async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
@@ -383,6 +398,7 @@ class Exchanger:
             conn.watch_payload(None)
             if recv_task is not None and not recv_task.done():
                 recv_task.cancel()
+            self.cpu_seconds += time.thread_time() - cpu0
             self._busy = False
 
     async def _refuse_schema(self, conn: Connection, h: dict[str, Any]) -> None:
@@ -407,7 +423,7 @@ class Exchanger:
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
-        await _finish_in_thread(_copy, self.store, weights)
+        self.cpu_seconds += await _finish_in_thread(_copy, self.store, weights)
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]

@@ -41,8 +41,33 @@ PROFILES = {
 }
 # Progress lines are reported at most this often.
 PROGRESS_INTERVAL = 0.5
-# Longest pause the gossip time budget may impose after one exchange.
+# Longest pause the gossip CPU budget may impose before one exchange.
 MAX_BUDGET_WAIT = 1.0
+
+
+class CpuBudget:
+    """Gossip may use ``share`` CPU seconds per wall second: a bucket of credit.
+
+    Credit accrues at ``share`` per second, at most ``burst`` seconds' worth, and every CPU
+    second gossip spends draws it down. ``wait`` says how long until the credit is positive
+    again (0 if it is now).
+    """
+
+    def __init__(self, share: float, burst: float = 5.0) -> None:
+        self.share = share
+        self.cap = share * burst
+        self.credit = self.cap
+        self._spent = 0.0
+        self._t: float | None = None
+
+    def wait(self, spent: float, now: float) -> float:
+        if self.share <= 0:
+            return 0.0
+        if self._t is not None:
+            self.credit = min(self.cap, self.credit + self.share * (now - self._t))
+        self.credit -= spent - self._spent
+        self._spent, self._t = spent, now
+        return 0.0 if self.credit >= 0 else -self.credit / self.share
 
 
 class PeerError(Exception):
@@ -330,17 +355,17 @@ class Peer:
 
     async def _gossip_loop(self) -> None:
         assert self._kick is not None
-        budget = self.cfg.gossip.time_budget
+        budget = CpuBudget(self.cfg.gossip.time_budget)
         while True:
             await self._kick.wait()
             self._kick.clear()
-            spent = await self.gossip_round()
-            if budget > 0 and spent > 0 and self.status == "training":
-                # Averaging may take at most `budget` of the time: after an exchange that
-                # took E seconds, wait E * (1 - budget) / budget before the next one. Only
-                # completed exchanges count (a timed-out attempt costs no CPU), and the wait
-                # is capped so the linger phase is never held up by it.
-                await asyncio.sleep(min(MAX_BUDGET_WAIT, spent * (1 - budget) / budget))
+            if self.status == "training":
+                # Over the CPU budget (exchanges started and answered alike): wait until
+                # back within it, at most MAX_BUDGET_WAIT so lingering is never held up.
+                wait = budget.wait(self.exchanger.cpu_seconds, time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(min(MAX_BUDGET_WAIT, wait))
+            await self.gossip_round()
 
     async def gossip_round(self) -> float:
         """Average with one random live neighbour; a busy one is skipped for the next.
@@ -389,6 +414,7 @@ class Peer:
             "bytes_received": self.transport.stats.received,
             "wall_seconds": round(time.monotonic() - self.t0, 3),
             "exchange_seconds": round(self.exchange_seconds, 3),
+            "gossip_cpu_seconds": round(self.exchanger.cpu_seconds, 3),
             "step_seconds": t.step_seconds,
             "final_model": str(final),
             "schema": t.weights.schema,

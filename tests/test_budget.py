@@ -1,0 +1,35 @@
+"""The gossip CPU budget: credit accrues with wall time, exchanges spend it."""
+
+import pytest
+
+from trainer.peer import CpuBudget
+
+
+def test_within_budget_never_waits():
+    b = CpuBudget(0.1, burst=5.0)
+    t, spent = 0.0, 0.0
+    for _ in range(1000):  # 1 ms of gossip CPU every 20 ms of wall time: 5%
+        t += 0.02
+        spent += 0.001
+        assert b.wait(spent, t) == 0.0
+
+
+def test_over_budget_waits_until_back_within_it():
+    b = CpuBudget(0.1, burst=1.0)  # 0.1 CPU s of credit at most
+    assert b.wait(0.05, 0.0) == 0.0  # starts with full credit
+    wait = b.wait(0.35, 0.0)  # 0.3 s more at once: 0.25 s in debt
+    assert wait == pytest.approx(2.5)  # 0.25 CPU s / 0.1 per second
+    assert b.wait(0.35, 2.5) == pytest.approx(0.0, abs=1e-12)
+    assert b.wait(0.35, 3.0) == 0.0
+
+
+def test_long_rests_save_up_a_bounded_credit():
+    b = CpuBudget(0.1, burst=2.0)
+    b.wait(0.0, 0.0)
+    # An hour idle earns no more than 2 s worth (0.2 CPU s), so a burst after it is short.
+    assert b.wait(0.2, 3600.0) == 0.0
+    assert b.wait(0.3, 3600.0) == pytest.approx(1.0)
+
+
+def test_zero_share_disables_it():
+    assert CpuBudget(0.0).wait(100.0, 0.0) == 0.0

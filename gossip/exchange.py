@@ -248,19 +248,22 @@ class Exchanger:
             if reply.type != MsgType.EXCH_ACCEPT:
                 kept = reply.type == MsgType.EXCH_DECLINE
                 return self._declined(addr, reply)
+            # The responder's payload is read by the connection's callbacks meanwhile, so
+            # sending first and then waiting for the reply moves both at once.
+            send_failed: TransportError | None = None
             try:
-                sent, frame = await asyncio.gather(
-                    self._send_snapshot(conn), conn.recv(), return_exceptions=True
-                )
+                try:
+                    stream = await self._send_snapshot(conn)
+                except TransportError as exc:
+                    send_failed = exc  # closed on us: an ERROR sent before is still queued
+                frame = await conn.recv()
             finally:
                 conn.watch_payload(None)
-            if isinstance(frame, Frame) and frame.type == MsgType.ERROR:
+            if frame.type == MsgType.ERROR:
                 return Outcome(False, addr, str(frame.header.get("reason", "?")))
-            for result in (frame, sent):
-                if isinstance(result, BaseException):
-                    raise result
-            assert isinstance(frame, Frame) and isinstance(sent, DeltaStream)
-            await self._apply(addr, sent, frame)
+            if send_failed is not None:
+                raise send_failed
+            await self._apply(addr, stream, frame)
             kept = True
             return Outcome(True, addr, seconds=time.perf_counter() - t0)
         finally:

@@ -51,6 +51,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
     g.add_argument(
+        "--gossip-budget",
+        type=float,
+        metavar="SHARE",
+        help="CPU gossip may use while training, in cores (default 0.1; 0: no limit)",
+    )
+    g.add_argument(
         "--eval-every",
         type=int,
         metavar="STEPS",
@@ -244,6 +250,8 @@ def peer_config(args: argparse.Namespace) -> Any:
     gossip = cfg.gossip
     if getattr(args, "period", None) is not None:
         gossip = dataclasses.replace(gossip, period_steps=args.period)
+    if getattr(args, "gossip_budget", None) is not None:
+        gossip = dataclasses.replace(gossip, time_budget=args.gossip_budget)
     return dataclasses.replace(cfg, train=train, gossip=gossip, **top)
 
 
@@ -262,6 +270,8 @@ def validate(cfg: Any) -> None:
         raise UserError("--epochs, --batch-size and --lr must be positive")
     if cfg.gossip.period_steps < 1:
         raise UserError("--period must be at least 1")
+    if not 0 <= cfg.gossip.time_budget <= 64:
+        raise UserError("--gossip-budget must be between 0 and 64 (cores)")
 
 
 def cmd_peer(args: argparse.Namespace) -> int:

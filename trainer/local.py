@@ -107,6 +107,7 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         "checkpoint_seconds",
         "checkpoint_keep",
         "period",
+        "gossip_budget",
         "cluster",
         "profile",
         *(k for k in TRAIN_KEYS if k != "threads"),

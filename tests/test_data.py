@@ -247,7 +247,7 @@ def test_default_asset_corrupt_is_data_error(
     fake = tmp_path / "trainer"
     (fake / "assets").mkdir(parents=True)
     (fake / "assets" / DEFAULT_ASSET).write_bytes(b"PK\x03\x04 not really a zip")
-    monkeypatch.setattr("trainer.data.resources.files", lambda _pkg: fake)
+    monkeypatch.setattr("trainer.idx.resources.files", lambda _pkg: fake)
     with pytest.raises(DataError, match=r"default data set .*mnist-small\.npz: cannot read"):
         load_dataset("default")
 

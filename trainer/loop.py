@@ -1,8 +1,11 @@
 """The local training loop, read top to bottom. Gossip enters at one marked point.
 
 ``Trainer.run`` executes on a dedicated thread so the peer's event loop keeps answering
-pings while torch holds the CPU. Each step holds ``weights.lock``; averaging (a snapshot
-or a mix from ``gossip.exchange``) takes the same lock and so lands between steps.
+pings while torch holds the CPU. Each optimizer update holds ``weights.lock``; averaging
+(a snapshot or a mix from ``gossip.exchange``) takes the same lock, so a snapshot is never
+half-updated and a mix never races the update. Forward and backward run without it: a mix
+may land between them, and that step's gradient is then one average stale, which is the
+inconsistent read asynchronous decentralized SGD (AD-PSGD) allows for.
 """
 
 from __future__ import annotations
@@ -53,8 +56,13 @@ _PRELOADED: dict[tuple[str, str | None], Dataset] = {}
 
 def preload_dataset(name: str, data_dir: str | None) -> Dataset:
     data = load_dataset(name, Path(data_dir) if data_dir else None)
-    _PRELOADED[(name, data_dir)] = data
+    register_preloaded(name, data_dir, data)
     return data
+
+
+def register_preloaded(name: str, data_dir: str | None, data: Dataset) -> None:
+    """Make ``data`` what every Trainer of this process (and its forks) uses for the set."""
+    _PRELOADED[(name, data_dir)] = data
 
 
 def dataset_for(cfg: TrainConfig) -> Dataset:
@@ -200,10 +208,10 @@ class Trainer:
         while self.step < self.total_steps and not stop.is_set():
             x, y = next(self.batches)
             t0 = time.perf_counter()
-            with lock:
-                opt.zero_grad()
-                loss = self.loss_fn(model(x), y)
-                loss.backward()
+            opt.zero_grad()
+            loss = self.loss_fn(model(x), y)
+            loss.backward()
+            with lock:  # only the update: gossip may snapshot or mix during fwd/bwd
                 opt.step()
             dt = time.perf_counter() - t0
             self.step_seconds = dt if self.step == 0 else 0.98 * self.step_seconds + 0.02 * dt

@@ -30,7 +30,9 @@ import select
 import signal
 import socket
 import sys
+import threading
 import traceback
+from pathlib import Path
 from typing import Any
 
 MAX_PACKET = 1 << 16
@@ -125,14 +127,32 @@ def _serve(sock: socket.socket) -> None:
 
 
 def _preload(dataset: str, data_dir: str | None) -> None:
+    # Reading and decompressing the data set is mostly zlib, which releases the GIL, and
+    # importing torch is mostly not I/O: on two cores the two overlap almost fully.
+    from trainer.idx import load_arrays
+
+    read: dict[str, Any] = {}
+
+    def reader() -> None:
+        try:
+            read["arrays"], _ = load_arrays(dataset, Path(data_dir) if data_dir else None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            read["error"] = exc
+
+    thread = threading.Thread(target=reader, name="data-reader")
+    thread.start()
     import torch
 
     torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
     import trainer.cli  # noqa: F401 - warm the import cache for the children
     import trainer.peer  # noqa: F401
-    from trainer.loop import preload_dataset
+    from trainer.data import build_dataset
+    from trainer.loop import register_preloaded
 
-    preload_dataset(dataset, data_dir)
+    thread.join()  # no thread may outlive this: the zygote forks next
+    if "error" in read:
+        raise read["error"]
+    register_preloaded(dataset, data_dir, build_dataset(dataset, read["arrays"]))
 
 
 def main() -> None:

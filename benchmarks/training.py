@@ -961,17 +961,15 @@ def memory_breakdown(peers: list[dict[str, Any]], bare_mb: float) -> dict[str, A
     started = anon["started"]
     stepped = anon.get("progress", started)
     exchanged = anon.get("first_exchange", stepped)
-    after_optimizer = anon.get("first_optimizer", anon["imports"])
     steps = {
-        "first optimizer (imports torch._dynamo)": after_optimizer - anon["imports"],
-        "data set load": anon["data_and_seed_model"] - after_optimizer,
+        "data set load": anon["data_and_seed_model"] - anon["imports"],
         "model built": anon["model"] - anon["data_and_seed_model"],
         "start (node, membership, exchanger)": started - anon["model"],
         "first step (grads, Adam state, temporaries)": stepped - started,
         "first exchange (snapshot, delta, receive buffer)": exchanged - stepped,
         "rest of training": max(p["training_anon"]) / 1e6 - exchanged,
     }
-    model_part = sum(v for k, v in steps.items() if not k.startswith(("data", "first opt")))
+    model_part = sum(v for k, v in steps.items() if not k.startswith("data"))
     return {
         "params": p["params"],
         "model_mb": model_mb,
@@ -1006,15 +1004,12 @@ def memory_peer_main(spec_json: str) -> None:
     from p2p.transport import TcpTransport
     from trainer.config import PeerConfig, TrainConfig
     from trainer.loop import Trainer
+    from trainer.optim import FlatAdam
     from trainer.peer import Peer
     from trainer.weights import FlatWeights
 
     stages["imports"] = mem()
     torch.set_num_threads(1)
-    # The first torch.optim optimizer imports torch._dynamo (and sympy); the Trainer below
-    # builds one. Done here on its own so the data set's share is measured apart from it.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    stages["first_optimizer"] = mem()
     cfg = PeerConfig(
         name=f"mem-{spec['index']}",
         index=spec["index"],
@@ -1033,7 +1028,7 @@ def memory_peer_main(spec_json: str) -> None:
             model = nn.Sequential(nn.Flatten(), nn.Linear(784, h), nn.ReLU(), nn.Linear(h, 10))
         trainer.model = model
         trainer.weights = FlatWeights(model)
-        trainer.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        trainer.optimizer = FlatAdam(trainer.weights, lr=cfg.train.lr)
     stages["model"] = mem()
     training: list[dict[str, int]] = []
 

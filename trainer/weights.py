@@ -2,9 +2,9 @@
 
 Every parameter becomes a view into a single contiguous tensor, so a snapshot is one
 memcpy, a mix is one vectorised add, and the bytes on the wire are the tensor's own memory.
-The training thread holds ``lock`` for the length of a step; gossip's snapshots and mixes
-take it too (``lock`` and ``array`` are what ``gossip.exchange.WeightStore`` asks for), so
-averaging lands between steps, never inside one.
+The training thread holds ``lock`` while the optimizer writes the weights; gossip's
+snapshots and mixes take it too (``lock`` and ``array`` are what
+``gossip.exchange.WeightStore`` asks for), so they never see or make a half-written vector.
 """
 
 from __future__ import annotations

@@ -53,10 +53,11 @@ INLINE_MAX = 64 << 20
 class WeightStore(Protocol):
     """What the exchange needs from a model: a schema, the live flat weights, their lock.
 
-    The training thread holds ``lock`` for each step; the exchanger holds it to copy a
-    snapshot out of ``array`` and to add a delta into it, so both land between steps. It
-    tries that on the event loop first (a thread hand-off costs more than copying a small
-    model) and waits for the lock in a worker thread only when a step holds it.
+    The training thread holds ``lock`` while it writes the weights (the optimizer update);
+    the exchanger holds it to copy a snapshot out of ``array`` and to add a delta into it, so
+    neither sees nor leaves a half-written vector. It tries that on the event loop first (a
+    thread hand-off costs more than copying a small model) and waits for the lock in a
+    worker thread only when an update holds it.
     """
 
     schema: str
@@ -78,8 +79,8 @@ def _add(store: WeightStore, delta: np.ndarray) -> None:
 class _SnapshotPieces:
     """Copies the snapshot piece by piece under the already-held lock, for ``send_produced``.
 
-    Each piece goes on the wire while the next is copied, so the responder's payload starts
-    moving after one piece instead of after the whole copy. The lock is released as soon as
+    Each piece goes on the wire while the next is copied, so our payload starts moving after
+    one piece instead of after the whole copy. The lock is released as soon as
     the copy is complete, or when the send gives up (``close``).
     """
 

@@ -45,16 +45,21 @@ def test_random_chunking_matches_whole_feed():
         assert bytes(f.payload) == p.tobytes()
 
 
-def test_buffered_protocol_path_writes_into_payload_directly():
-    big = np.random.default_rng(0).random(300_000).astype(np.float32)
-    data = memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big]))
-    dec, pos = Decoder(), 0
+def receive_buffered(dec: Decoder, data: memoryview, most: int) -> None:
+    """Deliver ``data`` the way ``asyncio.BufferedProtocol`` does, at most ``most`` per read."""
+    pos = 0
     while pos < len(data):
         buf = dec.get_buffer()
-        n = min(len(buf), len(data) - pos, 70_000)
+        n = min(len(buf), len(data) - pos, most)
         buf[:n] = data[pos : pos + n]
         dec.buffer_updated(n)
         pos += n
+
+
+def test_buffered_protocol_path_writes_into_payload_directly():
+    big = np.random.default_rng(0).random(300_000).astype(np.float32)
+    dec = Decoder()
+    receive_buffered(dec, memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big])), 70_000)
     (frame,) = dec.frames
     assert bytes(frame.payload) == big.tobytes()
 
@@ -104,16 +109,10 @@ def test_truncated_frame_stays_pending():
 
 def test_progress_reports_a_payload_while_it_arrives():
     big = np.arange(200_000, dtype=np.float32)
-    data = memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big]))
     seen: list[tuple[int, int, int]] = []
-    dec, pos = Decoder(), 0
+    dec = Decoder()
     dec.progress = lambda t, buf, filled: seen.append((t, buf.nbytes, filled))
-    while pos < len(data):
-        buf = dec.get_buffer()
-        n = min(len(buf), len(data) - pos, 90_000)
-        buf[:n] = data[pos : pos + n]
-        dec.buffer_updated(n)
-        pos += n
+    receive_buffered(dec, memoryview(encode_bytes(MsgType.EXCH_PAYLOAD, {}, [big])), 90_000)
     (frame,) = dec.frames
     assert bytes(frame.payload) == big.tobytes()
     fills = [f for _, _, f in seen]

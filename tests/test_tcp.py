@@ -20,11 +20,17 @@ async def tcp_peer(name, size, seed, limits=None):
     return node, store, Exchanger(node, store)
 
 
-async def test_push_pull_over_tcp_large_vector():
-    a, sa, xa = await tcp_peer("a", 1_000_000, 1)
-    b, sb, xb = await tcp_peer("b", 1_000_000, 2)
+async def averaged_over_tcp(size, before_exchange=None):
+    """Two TCP peers of ``size`` floats; a exchanges with b; both must end at the mean.
+
+    Returns a's Outcome. ``before_exchange(sa, sb)`` runs just before the exchange starts.
+    """
+    a, sa, xa = await tcp_peer("a", size, 1)
+    b, sb, xb = await tcp_peer("b", size, 2)
     try:
         expect = (sa.weights + sb.weights) / 2
+        if before_exchange is not None:
+            before_exchange(sa, sb)
         out = await xa.exchange(b.addr)
         assert out.ok, out.reason
         for _ in range(200):
@@ -33,10 +39,15 @@ async def test_push_pull_over_tcp_large_vector():
             await asyncio.sleep(0.01)
         np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
         np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
-        assert a.transport.stats.sent > 4_000_000 and a.transport.stats.received > 4_000_000
+        assert a.transport.stats.sent > 4 * size and a.transport.stats.received > 4 * size
+        return out
     finally:
         await a.close()
         await b.close()
+
+
+async def test_push_pull_over_tcp_large_vector():
+    await averaged_over_tcp(1_000_000)
 
 
 async def raw_send(addr, data):
@@ -142,48 +153,22 @@ async def test_the_delta_is_computed_while_the_payload_arrives(monkeypatch):
 
     monkeypatch.setattr(averaging.DeltaStream, "finish", spy)
     size = 4_000_000  # 16 MB each way
-    a, sa, xa = await tcp_peer("a", size, 1)
-    b, sb, xb = await tcp_peer("b", size, 2)
-    try:
-        expect = (sa.weights + sb.weights) / 2
-        out = await xa.exchange(b.addr)
-        assert out.ok, out.reason
-        for _ in range(200):
-            if xb.exchanges:
-                break
-            await asyncio.sleep(0.01)
-        np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
-        np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
-    finally:
-        await a.close()
-        await b.close()
+    await averaged_over_tcp(size)
     assert len(left) == 2  # one stream per side
     assert max(left) < size // 4, left
 
 
 async def test_exchange_waits_for_a_step_that_holds_the_weights():
     """A training step holding the lock sends snapshot and mix to a worker thread."""
-    a, sa, xa = await tcp_peer("a", 600_000, 1)
-    b, sb, xb = await tcp_peer("b", 600_000, 2)
-    try:
-        expect = (sa.weights + sb.weights) / 2
-        for store in (sa, sb):
-            store.lock.acquire()
+
+    def hold_the_locks(sa, sb):
         loop = asyncio.get_running_loop()
         for store in (sa, sb):  # the "steps" end 50 ms after the exchange starts
+            store.lock.acquire()
             loop.call_later(0.05, store.lock.release)
-        out = await xa.exchange(b.addr)
-        assert out.ok, out.reason
-        assert out.seconds >= 0.05
-        for _ in range(200):
-            if xb.exchanges:
-                break
-            await asyncio.sleep(0.01)
-        np.testing.assert_allclose(sa.weights, expect, atol=1e-6)
-        np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
-    finally:
-        await a.close()
-        await b.close()
+
+    out = await averaged_over_tcp(600_000, hold_the_locks)
+    assert out.seconds >= 0.05
 
 
 async def test_a_short_produced_payload_never_goes_out_as_a_frame():

@@ -527,7 +527,8 @@ def hivemind_tta(cfg: GossipBenchConfig, runs: Runs, peers: int, python: str) ->
     return hivemind_result(peers, evals, cfg, launched, load, run_dir)
 
 
-def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> Any:
+def read_until(proc: subprocess.Popen[str], prefix: str, timeout: float, who: str) -> str:
+    """The rest of the first stdout line of ``proc`` that starts with ``prefix``."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -535,8 +536,12 @@ def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> Any:
         if not line:
             break
         if line.startswith(prefix):
-            return json.loads(line[len(prefix) :])
-    raise RuntimeError(f"hivemind peer printed no {prefix.strip()} (exit {proc.poll()})")
+            return line[len(prefix) :]
+    raise RuntimeError(f"{who} printed no {prefix.strip()} (exit {proc.poll()})")
+
+
+def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> Any:
+    return json.loads(read_until(proc, prefix, timeout, "hivemind peer"))
 
 
 def hivemind_evals(procs: list[subprocess.Popen[str]], target: float, deadline: float) -> list:
@@ -916,15 +921,7 @@ def memory_pair(cfg: GossipBenchConfig, hidden: int, work: Path) -> list[dict[st
 
 
 def wait_listening(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("LISTENING "):
-            return line.split()[1]
-    raise RuntimeError(f"memory peer did not start (exit {proc.poll()})")
+    return read_until(proc, "LISTENING ", timeout, "memory peer").split()[0]
 
 
 def peer_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:

@@ -70,6 +70,23 @@ class CpuBudget:
         return 0.0 if self.credit >= 0 else -self.credit / self.share
 
 
+def partner_order(addrs: list[str], partnered: set[str], rng: random.Random) -> list[str]:
+    """``addrs`` in the order to try them: those not in ``partnered`` first, shuffled.
+
+    Partners are drawn without replacement: every live neighbour is picked once before any
+    is picked twice, then the cycle starts over (``partnered`` is cleared). Averaging twice
+    in a row with the same partner mixes almost nothing new; a cycle spreads each average.
+    """
+    fresh = [a for a in addrs if a not in partnered]
+    if not fresh:
+        partnered.clear()
+        fresh = list(addrs)
+    stale = [a for a in addrs if a in partnered]
+    rng.shuffle(fresh)
+    rng.shuffle(stale)
+    return fresh + stale
+
+
 class PeerError(Exception):
     """A fatal, user-facing problem (bad address, nobody to join, ...): one line, exit 2."""
 
@@ -106,6 +123,7 @@ class Peer:
         self.exchanger = Exchanger(self.node, trainer.weights, cfg.gossip)
         self.membership: Membership | None = None
         self.rng = random.Random(cfg.train.seed * 1000 + cfg.index)
+        self._partnered: set[str] = set()  # this cycle's partners, see neighbours()
         self.stop = threading.Event()
         self.t0 = time.monotonic()
         self.status = "starting"
@@ -344,14 +362,14 @@ class Peer:
         )
 
     def neighbours(self) -> list[str]:
+        """Live neighbours to try, in order (see ``partner_order``)."""
         assert self.membership is not None
         addrs = [
             addr
             for _, addr in self.membership.alive_addrs()
             if addr not in self.exchanger.incompatible
         ]
-        self.rng.shuffle(addrs)
-        return addrs
+        return partner_order(addrs, self._partnered, self.rng)
 
     async def _gossip_loop(self) -> None:
         assert self._kick is not None
@@ -373,6 +391,7 @@ class Peer:
         for addr in self.neighbours()[: self.cfg.gossip.max_attempts]:
             out = await self.exchanger.exchange(addr)
             if out.ok:
+                self._partnered.add(addr)
                 self.exchange_seconds += out.seconds
                 if not self._first_exchange_seen:
                     self._note_first_exchange(addr)

@@ -1,4 +1,4 @@
-"""The gossip CPU budget: credit accrues with wall time, exchanges spend it."""
+"""The gossip CPU budget and the choice of partners."""
 
 import pytest
 
@@ -33,3 +33,24 @@ def test_long_rests_save_up_a_bounded_credit():
 
 def test_zero_share_disables_it():
     assert CpuBudget(0.0).wait(100.0, 0.0) == 0.0
+
+
+def test_partners_cycle_before_any_repeats():
+    import random
+
+    from trainer.peer import partner_order
+
+    rng, partnered = random.Random(1), set()
+    addrs = [f"10.0.0.{i}:1" for i in range(5)]
+    picks = []
+    for _ in range(15):  # three full cycles
+        first = partner_order(addrs, partnered, rng)[0]
+        partnered.add(first)  # as gossip_round does after a completed exchange
+        picks.append(first)
+    for cycle in range(3):
+        assert sorted(picks[5 * cycle : 5 * cycle + 5]) == sorted(addrs)
+    # A neighbour that left is simply not offered; one that joins comes first.
+    partnered.clear()
+    partnered.add(addrs[0])
+    order = partner_order([*addrs[:3], "10.0.0.9:1"], partnered, rng)
+    assert order[-1] == addrs[0] and set(order) == {*addrs[:3], "10.0.0.9:1"}

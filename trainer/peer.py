@@ -314,12 +314,26 @@ class Peer:
         loop = asyncio.get_running_loop()
         kick = self._kick
         period = max(1, self.cfg.gossip.period_steps)
+        exchanger = self.exchanger
+        # Steps since this peer last averaged, whichever side started it: an exchange a
+        # neighbour started counts as this period's, so exchanges come evenly spaced, one per
+        # period, instead of two at random offsets (the second of which mixes little). The
+        # count restarts at a random offset, so two partners do not both reach the period on
+        # the same step and offer to each other at once (each would decline: busy).
+        jitter = random.Random(self.rng.random())  # this thread's own generator
+        spread = max(1, period // 4)
+        since, seen = [0], [exchanger.exchanges]
 
         def on_step(info: StepInfo) -> None:
             if info.accuracy is not None:
                 acc = round(info.accuracy, 4)
                 loop.call_soon_threadsafe(lambda: self.emit("eval", step=info.step, accuracy=acc))
-            if info.step % period == 0:
+            done = exchanger.exchanges  # an int written by the loop thread: read, not locked
+            if done != seen[0]:
+                seen[0], since[0] = done, jitter.randint(-spread, spread)
+            since[0] += 1
+            if since[0] >= period:
+                since[0] = 0
                 loop.call_soon_threadsafe(kick.set)
             now = time.monotonic()
             if (

@@ -54,3 +54,30 @@ def test_partners_cycle_before_any_repeats():
     partnered.add(addrs[0])
     order = partner_order([*addrs[:3], "10.0.0.9:1"], partnered, rng)
     assert order[-1] == addrs[0] and set(order) == {*addrs[:3], "10.0.0.9:1"}
+
+
+def test_period_clock_offers_once_per_period_without_exchanges():
+    import random
+
+    from trainer.peer import PeriodClock
+
+    clock = PeriodClock(20, random.Random(0))
+    offers = [s for s in range(1, 101) if clock.step(0)]
+    assert offers == [20, 40, 60, 80, 100]
+
+
+def test_period_clock_counts_an_answered_exchange_and_spreads_the_restart():
+    import random
+
+    from trainer.peer import PeriodClock
+
+    restarts = set()
+    for seed in range(40):
+        clock = PeriodClock(20, random.Random(seed))
+        for _ in range(15):
+            assert not clock.step(0)
+        # A neighbour's exchange completes at step 16: the count restarts, so no offer at 20.
+        fired = [s for s in range(16, 60) if clock.step(1)]
+        assert fired and fired[0] - 16 in range(14, 25)  # about 20 steps, give or take 5
+        restarts.add(fired[0])
+    assert len(restarts) > 5  # partners restarting together do not fire together

@@ -70,6 +70,35 @@ class CpuBudget:
         return 0.0 if self.credit >= 0 else -self.credit / self.share
 
 
+class PeriodClock:
+    """When a training peer should offer its next exchange: after ``period`` steps without one.
+
+    An exchange a neighbour started counts as this period's, so exchanges come evenly spaced,
+    about one per period per peer, instead of two at random offsets (the second of which
+    mixes little). After each exchange the count restarts at a random offset within a
+    quarter period, so two partners do not both reach the period on the same step and
+    offer to each other at once (each would decline the other: busy).
+    """
+
+    def __init__(self, period: int, rng: random.Random) -> None:
+        self.period = max(1, period)
+        self.spread = max(1, self.period // 4)
+        self.rng = rng  # used from the training thread only
+        self.since = 0
+        self._seen = 0
+
+    def step(self, exchanges: int) -> bool:
+        """One training step done, ``exchanges`` completed so far: True to offer one now."""
+        if exchanges != self._seen:
+            self._seen = exchanges
+            self.since = self.rng.randint(-self.spread, self.spread)
+        self.since += 1
+        if self.since >= self.period:
+            self.since = 0
+            return True
+        return False
+
+
 def partner_order(addrs: list[str], partnered: set[str], rng: random.Random) -> list[str]:
     """``addrs`` in the order to try them: those not in ``partnered`` first, shuffled.
 
@@ -314,26 +343,15 @@ class Peer:
         loop = asyncio.get_running_loop()
         kick = self._kick
         period = max(1, self.cfg.gossip.period_steps)
+        clock = PeriodClock(period, random.Random(self.rng.random()))
         exchanger = self.exchanger
-        # Steps since this peer last averaged, whichever side started it: an exchange a
-        # neighbour started counts as this period's, so exchanges come evenly spaced, one per
-        # period, instead of two at random offsets (the second of which mixes little). The
-        # count restarts at a random offset, so two partners do not both reach the period on
-        # the same step and offer to each other at once (each would decline: busy).
-        jitter = random.Random(self.rng.random())  # this thread's own generator
-        spread = max(1, period // 4)
-        since, seen = [0], [exchanger.exchanges]
 
         def on_step(info: StepInfo) -> None:
             if info.accuracy is not None:
                 acc = round(info.accuracy, 4)
                 loop.call_soon_threadsafe(lambda: self.emit("eval", step=info.step, accuracy=acc))
-            done = exchanger.exchanges  # an int written by the loop thread: read, not locked
-            if done != seen[0]:
-                seen[0], since[0] = done, jitter.randint(-spread, spread)
-            since[0] += 1
-            if since[0] >= period:
-                since[0] = 0
+            # exchanges: an int the loop thread writes; reading it here needs no lock
+            if clock.step(exchanger.exchanges):
                 loop.call_soon_threadsafe(kick.set)
             now = time.monotonic()
             if (

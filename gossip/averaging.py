@@ -81,8 +81,8 @@ def checked_delta(
 ) -> np.ndarray:
     """``out = remote - snapshot``, or ``UpdateRejected`` if it must not be applied."""
     _match(remote, snapshot)
-    np.subtract(remote, snapshot, out=out)
     with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(remote, snapshot, out=out)
         judge(_sq(out), snapshot_norm**2, guard)
     return out
 
@@ -124,8 +124,8 @@ class DeltaStream:
 
     def _advance(self, remote: np.ndarray, upto: int) -> None:
         r, s = remote[self.done : upto], self.snapshot[self.done : upto]
-        np.subtract(r, s, out=r)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # garbage is judged, not warned
+            np.subtract(r, s, out=r)
             self.dist_sq += _sq(r)
             self.snap_sq += _sq(s)
             if self.alpha != 1:

@@ -297,3 +297,25 @@ def test_unknown_keys_in_a_peer_config_are_errors(tmp_path):
     path = write(tmp_path, "[train]\nepoch = 3\n", "peer.toml")
     with pytest.raises(ConfigError, match="unknown key 'epoch'"):
         load_toml(path)
+
+
+def test_gossip_flags_reach_the_peer_config():
+    cfg = parse_peer("--period", "7", "--gossip-budget", "0.25", "--linger-quiet", "6.5")
+    assert cfg.gossip.period_steps == 7
+    assert cfg.gossip.time_budget == 0.25
+    assert cfg.gossip.linger_quiet == 6.5
+
+
+def test_supervised_peers_wait_for_a_restart_before_leaving(tmp_path):
+    """Under --restart-failed, finished peers linger long enough for a crashed one to return."""
+    from trainer.local import RESTART_GRACE, Child, peer_argv
+
+    args = build_parser().parse_args(["local", "--peers", "2", "--restart-failed"])
+    child = Child(name="peer-1", index=1, addr="127.0.0.1:9", run_dir=tmp_path)
+    argv = peer_argv(args, child, 2, ["127.0.0.1:8"])
+    quiet = float(argv[argv.index("--linger-quiet") + 1])
+    assert quiet == args.restart_delay + RESTART_GRACE
+    cfg = parse_peer(*argv[argv.index("peer") + 1 :])
+    assert cfg.gossip.linger_quiet == quiet
+    plain = build_parser().parse_args(["local", "--peers", "2"])
+    assert "--linger-quiet" not in peer_argv(plain, child, 2, [])

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--restart-failed",
         action="store_true",
-        help="restart a crashed peer from its checkpoint (implies --checkpoints)",
+        help="restart a crashed peer from its checkpoint (implies --checkpoints); finished "
+        "peers then wait RESTART_DELAY + 5 s without training offers before they leave",
     )
     p.add_argument(
         "--restart-delay", type=float, default=1.0, help="seconds before a restart (default 1)"
@@ -162,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--linger",
         type=float,
         help="after training, keep averaging at least this long and while others still train",
+    )
+    p.add_argument(
+        "--linger-quiet",
+        type=float,
+        metavar="SECONDS",
+        help="a finished peer leaves once no training peer has offered an exchange for this "
+        "long (default 2)",
     )
     p.add_argument(
         "--allow-control",
@@ -252,6 +260,8 @@ def peer_config(args: argparse.Namespace) -> Any:
         gossip = dataclasses.replace(gossip, period_steps=args.period)
     if getattr(args, "gossip_budget", None) is not None:
         gossip = dataclasses.replace(gossip, time_budget=args.gossip_budget)
+    if getattr(args, "linger_quiet", None) is not None:
+        gossip = dataclasses.replace(gossip, linger_quiet=args.linger_quiet)
     return dataclasses.replace(cfg, train=train, gossip=gossip, **top)
 
 
@@ -272,6 +282,8 @@ def validate(cfg: Any) -> None:
         raise UserError("--period must be at least 1")
     if not 0 <= cfg.gossip.time_budget <= 64:
         raise UserError("--gossip-budget must be between 0 and 64 (cores)")
+    if cfg.gossip.linger_quiet < 0:
+        raise UserError("--linger-quiet must not be negative")
 
 
 def cmd_peer(args: argparse.Namespace) -> int:

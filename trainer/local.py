@@ -70,6 +70,10 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+# Seconds beyond --restart-delay that finished peers wait for a restarted one to train again.
+RESTART_GRACE = 5.0
+
+
 def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> list[str]:
     argv = [
         *child.wrap,
@@ -102,6 +106,10 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         argv += ["--allow-control"]
     if args.checkpoints or args.restart_failed:
         argv += ["--checkpoint-dir", str(child.run_dir / "checkpoints")]
+    if args.restart_failed:
+        # A finished peer leaves once nobody trains; a peer that crashed near the end must
+        # find someone to average with when it comes back (restart delay, fork, resume).
+        argv += ["--linger-quiet", str(max(2.0, args.restart_delay + RESTART_GRACE))]
     passed_on = (
         "checkpoint_every",
         "checkpoint_seconds",

@@ -269,6 +269,9 @@ class TcpConnection(Connection):
                 if ready > sent:
                     tr.write(view[sent:ready])  # out while the next stretch is produced
                     sent = ready
+        except BaseException:
+            tr.abort()  # part of a frame is out: the stream cannot be resumed
+            raise
         finally:
             _close(produce)
         if sent != view.nbytes:

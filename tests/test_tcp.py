@@ -183,3 +183,22 @@ async def test_a_short_produced_payload_never_goes_out_as_a_frame():
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_producer_that_fails_midway_closes_the_connection():
+    a, _, _ = await tcp_peer("a", 10, 1)
+    b, _, _ = await tcp_peer("b", 10, 2)
+
+    def failing():
+        yield 400
+        raise RuntimeError("copy failed")
+
+    try:
+        conn = await a.open(b.addr)
+        buf = np.zeros(1000, np.float32)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            await conn.send_produced(MsgType.EXCH_PAYLOAD, {}, buf, failing())
+        assert conn.closed
+    finally:
+        await a.close()
+        await b.close()

@@ -11,7 +11,9 @@ the state-dict methods in ``torch._disable_dynamo``, which imports ``torch._dyna
 never imports it.
 
 The update is ``torch.optim.Adam``'s single-tensor path with its defaults (no weight decay,
-no amsgrad), element for element, and ``state_dict()`` has ``torch.optim.Adam``'s layout,
+no amsgrad), element for element, for models whose every parameter gets a gradient each
+step (all of ``trainer.models``; ``torch.optim.Adam`` skips a parameter without one, this
+updates it from its moments), and ``state_dict()`` has ``torch.optim.Adam``'s layout,
 so checkpoints of either load into the other (tests/test_optim.py checks both).
 """
 

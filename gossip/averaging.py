@@ -72,21 +72,6 @@ def _sq(v: np.ndarray) -> float:
     return float(np.dot(v, v))  # BLAS; overflow gives inf, which judge() refuses
 
 
-def checked_delta(
-    remote: np.ndarray,
-    snapshot: np.ndarray,
-    snapshot_norm: float,
-    out: np.ndarray,
-    guard: UpdateGuard = UpdateGuard(),
-) -> np.ndarray:
-    """``out = remote - snapshot``, or ``UpdateRejected`` if it must not be applied."""
-    _match(remote, snapshot)
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.subtract(remote, snapshot, out=out)
-        judge(_sq(out), snapshot_norm**2, guard)
-    return out
-
-
 class DeltaStream:
     """``remote - snapshot``, scaled by ``alpha``, computed in place while ``remote`` arrives.
 
@@ -145,7 +130,7 @@ class DeltaStream:
 
 def check_update(remote: np.ndarray, local: np.ndarray, guard: UpdateGuard = UpdateGuard()) -> None:
     """Raise ``UpdateRejected`` unless ``remote`` is finite, the right size, and plausible."""
-    checked_delta(remote, local, float(np.linalg.norm(local)), np.empty_like(local), guard)
+    DeltaStream(local, 1.0, guard).finish(remote.copy())
 
 
 def mix(current: np.ndarray, snapshot: np.ndarray, remote: np.ndarray, alpha: float = 0.5) -> None:

@@ -66,14 +66,9 @@ class WeightStore(Protocol):
     array: np.ndarray  # the live weights, flat float32
 
 
-def _copy(store: WeightStore, out: np.ndarray) -> None:
-    with store.lock:
-        np.copyto(out, store.array)
-
-
-def _add(store: WeightStore, delta: np.ndarray) -> None:
-    with store.lock:
-        np.add(store.array, delta, out=store.array)  # one pass, no temporary
+def _locked(lock: threading.Lock, fn: Callable[..., Any], *args: Any) -> None:
+    with lock:
+        fn(*args)
 
 
 class _SnapshotPieces:
@@ -295,15 +290,21 @@ class Exchanger:
             self.incompatible[addr] = reason
         return Outcome(False, addr, reason, busy=bool(reply.header.get("busy")))
 
-    async def _take_snapshot(self) -> None:
-        """Copy our weights into the snapshot buffer (on the loop if they are free)."""
-        if self._inline and self.store.lock.acquire(blocking=False):
+    async def _with_weights(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` under the weights lock: on the loop if the weights are free (a
+        thread hand-off costs more than a small model's copy), else in a worker thread."""
+        lock = self.store.lock
+        if self._inline and lock.acquire(blocking=False):
             try:
-                np.copyto(self._snap, self.store.array)
+                fn(*args)
             finally:
-                self.store.lock.release()
+                lock.release()
         else:
-            self.cpu_seconds += await _finish_in_thread(_copy, self.store, self._snap)
+            self.cpu_seconds += await _finish_in_thread(_locked, lock, fn, *args)
+
+    async def _take_snapshot(self) -> None:
+        """Copy our weights into the snapshot buffer."""
+        await self._with_weights(np.copyto, self._snap, self.store.array)
         if self._check_own:
             if not np.isfinite(np.dot(self._snap, self._snap)):
                 raise UpdateRejected("our own weights are not finite; not exchanging")
@@ -356,14 +357,8 @@ class Exchanger:
         self.exchanges += 1
 
     async def _mix(self, delta: np.ndarray) -> None:
-        """current += delta (already scaled), on the loop if the weights are free."""
-        if self._inline and self.store.lock.acquire(blocking=False):
-            try:
-                np.add(self.store.array, delta, out=self.store.array)
-            finally:
-                self.store.lock.release()
-        else:
-            self.cpu_seconds += await _finish_in_thread(_add, self.store, delta)
+        """current += delta (already scaled): one pass, no temporary."""
+        await self._with_weights(np.add, self.store.array, delta, self.store.array)
 
     # -- responder -------------------------------------------------------------------------
     async def _on_offer(self, conn: Connection, frame: Frame) -> None:
@@ -427,7 +422,7 @@ class Exchanger:
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
-        self.cpu_seconds += await _finish_in_thread(_copy, self.store, weights)
+        await self._with_weights(np.copyto, weights, self.store.array)
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]

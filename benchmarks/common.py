@@ -59,28 +59,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+    )
+    return out.stdout.strip()
+
+
 def code_version() -> str:
     """The commit measured, with "+dirty" when the code under test differs from it.
 
     Several people change this working tree at once: the commit alone does not say what ran.
     """
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "p2p", "gossip", "trainer"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "p2p", "gossip", "trainer")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from common import DEFAULT_MNIST, REPO, command_line, emit, machine_info, markdown_table
-from partition_heal import accuracy_deltas, default_net, run_local
+from partition_heal import accuracy_deltas, base_flags, default_net, run_local
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +51,8 @@ QUICK_KILLS = (0.2, 0.4, 0.6)
 
 
 def flags(args: argparse.Namespace) -> list[str]:
-    out = [
-        "--peers",
-        str(args.peers),
-        "--epochs",
-        str(args.epochs),
-        "--seed",
-        str(args.seed),
-        "--linger",
-        "10",
-        "--restart-failed",
-        "--checkpoint-seconds",
-        str(args.checkpoint_seconds),
-        "--timeout",
-        "1800",
-    ]
-    if args.data:
-        out += ["--dataset", "mnist", "--data-dir", str(args.data)]
+    out = [*base_flags(args), "--restart-failed"]
+    out += ["--checkpoint-seconds", str(args.checkpoint_seconds)]
     if args.net == "netns":
         out += ["--netns"]
     return out

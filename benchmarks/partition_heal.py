@@ -89,21 +89,17 @@ def accuracy_deltas(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, 
     }
 
 
-def train_flags(args: argparse.Namespace) -> list[str]:
-    flags = [
-        "--peers",
-        str(args.peers),
-        "--epochs",
-        str(args.epochs),
-        "--seed",
-        str(args.seed),
-        "--linger",
-        "10",
-        "--timeout",
-        "1800",
-    ]
+def base_flags(args: argparse.Namespace) -> list[str]:
+    """`gossip-train local` flags every chaos benchmark's runs share."""
+    flags = ["--peers", str(args.peers), "--epochs", str(args.epochs), "--seed", str(args.seed)]
+    flags += ["--linger", "10", "--timeout", "1800"]
     if args.data:
         flags += ["--dataset", "mnist", "--data-dir", str(args.data)]
+    return flags
+
+
+def train_flags(args: argparse.Namespace) -> list[str]:
+    flags = base_flags(args)
     flags += ["--netns"] if args.net == "netns" else ["--proxy"]
     for setting in args.sysctl or []:
         flags += ["--netns-sysctl", setting]

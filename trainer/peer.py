@@ -417,9 +417,8 @@ class Peer:
                     await asyncio.sleep(min(MAX_BUDGET_WAIT, wait))
             await self.gossip_round()
 
-    async def gossip_round(self) -> float:
-        """Average with one random live neighbour; a busy one is skipped for the next.
-        Returns the seconds the completed exchange took (0.0 if none completed)."""
+    async def gossip_round(self) -> None:
+        """Average with one live neighbour, in ``partner_order``; a busy one is skipped."""
         for addr in self.neighbours()[: self.cfg.gossip.max_attempts]:
             out = await self.exchanger.exchange(addr)
             if out.ok:
@@ -427,12 +426,11 @@ class Peer:
                 self.exchange_seconds += out.seconds
                 if not self._first_exchange_seen:
                     self._note_first_exchange(addr)
-                return out.seconds
+                return
             if not out.busy:
                 log.debug("exchange with %s failed: %s", addr, out.reason)
             # Busy peers decline at once; a short random pause breaks lockstep retries.
             await asyncio.sleep(self.rng.uniform(0.0, 0.01))
-        return 0.0
 
     def _note_first_exchange(self, addr: str) -> None:
         self._first_exchange_seen = True

@@ -160,15 +160,20 @@ async def test_the_delta_is_computed_while_the_payload_arrives(monkeypatch):
 
 async def test_exchange_waits_for_a_step_that_holds_the_weights():
     """A training step holding the lock sends snapshot and mix to a worker thread."""
+    untouched: list[bool] = []  # per store: were its weights unchanged when the step ended?
+
+    def end_step(store, before):
+        untouched.append(bool(np.array_equal(store.weights, before)))
+        store.lock.release()
 
     def hold_the_locks(sa, sb):
         loop = asyncio.get_running_loop()
         for store in (sa, sb):  # the "steps" end 50 ms after the exchange starts
             store.lock.acquire()
-            loop.call_later(0.05, store.lock.release)
+            loop.call_later(0.05, end_step, store, store.weights.copy())
 
-    out = await averaged_over_tcp(600_000, hold_the_locks)
-    assert out.seconds >= 0.05
+    await averaged_over_tcp(600_000, hold_the_locks)
+    assert untouched == [True, True]  # nothing was mixed in while a step held the weights
 
 
 async def test_a_short_produced_payload_never_goes_out_as_a_frame():

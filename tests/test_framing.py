@@ -118,3 +118,19 @@ def test_progress_reports_a_payload_while_it_arrives():
     fills = [f for _, _, f in seen]
     assert len(fills) >= 5 and fills == sorted(fills) and fills[-1] < big.nbytes
     assert {(t, size) for t, size, _ in seen} == {(MsgType.EXCH_PAYLOAD, big.nbytes)}
+
+
+def test_buffer_pool_keeps_at_most_its_byte_budget_of_free_buffers():
+    from p2p.framing import BufferPool
+
+    pool = BufferPool(min_size=1, keep=4, keep_bytes=250)
+    big = [pool.take(100) for _ in range(4)]
+    small = [pool.take(10) for _ in range(6)]
+    for view in big + small:
+        pool.give(view)
+    assert len(pool._free[100]) == 2  # 250 // 100: the byte budget binds before keep
+    assert len(pool._free[10]) == 4  # keep binds
+    huge = pool.take(1000)
+    pool.give(huge)
+    assert len(pool._free[1000]) == 1  # at least one is always kept
+    assert pool.take(1000).obj is huge.obj  # and reused

@@ -59,6 +59,8 @@ MAX_NAME = 128
 MAX_INT = 2**63 - 1
 # Indirect probes we run for others at once; more are refused (a ping_req flood amplifies).
 MAX_RELAYS = 256
+# First wait before a join request is repeated; it doubles up to the probe interval.
+JOIN_RETRY_FIRST = 0.05
 # Seed addresses remembered from join(), for a peer that has lost everybody else.
 MAX_SEEDS = 32
 
@@ -391,6 +393,7 @@ class Swim:
         self._external_health = 0
         self._seeds: list[str] = []
         self._next_join = math.inf
+        self._join_wait = JOIN_RETRY_FIRST
         self._joined = False
         self._leaving = False
         # Counts of dropped input by kind of problem; the first of each kind is logged.
@@ -474,12 +477,15 @@ class Swim:
     def join(self, seeds: list[str], now: float) -> list[Out]:
         """Push-pull our state to every seed; the first reply makes joined() true.
 
-        Until then tick() repeats the request every probe interval, so a lost message or a
-        seed that starts a little later only delays the join.
+        Until then tick() repeats the request, first after JOIN_RETRY_FIRST seconds, then
+        twice as long each time up to the probe interval, so a lost message or a seed that
+        starts a moment later (peers launched together) delays the join by tens of
+        milliseconds, and a seed that is down costs one message per probe interval.
         """
         good = [s for s in seeds if isinstance(s, str) and 0 < len(s) <= MAX_NAME]
         self._seeds = [s for s in dict.fromkeys(good) if s != self.addr][:MAX_SEEDS]
         self._next_join = now
+        self._join_wait = JOIN_RETRY_FIRST
         outs: list[Out] = []
         self._retry_join(now, outs)
         return outs
@@ -488,7 +494,8 @@ class Swim:
         if self._joined or not self._seeds:
             self._next_join = math.inf
             return
-        self._next_join = now + self.config.probe_interval
+        self._next_join = now + self._join_wait
+        self._join_wait = min(2 * self._join_wait, self.config.probe_interval)
         msg = self._push_pull_msg(reply=False, join=True)
         outs.extend((seed, msg) for seed in self._seeds)
 

@@ -745,3 +745,19 @@ def test_random_garbage_never_raises() -> None:
         assert all(isinstance(d, str) and isinstance(m, dict) for d, m in outs)
         a.tick(float(i))
     assert sum(a.rejected.values()) > 0
+
+
+def test_join_retries_soon_then_backs_off_to_the_probe_interval() -> None:
+    from p2p.swim import JOIN_RETRY_FIRST
+
+    b = node("b")
+    b.join([addr("a")], now=0.0)
+    sent, t = [], 0.0
+    while t < 6.0:  # nobody answers: a seed that is not up yet
+        t = b.next_deadline()
+        if of_type(b.tick(t), "push_pull"):
+            sent.append(round(t, 6))
+    gaps = [round(y - x, 6) for x, y in zip([0.0, *sent], sent, strict=False)]
+    assert gaps[:3] == [JOIN_RETRY_FIRST, 2 * JOIN_RETRY_FIRST, 4 * JOIN_RETRY_FIRST]
+    assert gaps == sorted(gaps) and max(gaps) == LAN.probe_interval
+    assert gaps.count(LAN.probe_interval) >= 3  # then once per probe interval, no faster

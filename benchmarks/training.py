@@ -844,9 +844,9 @@ def fork_probe_main(spec_json: str) -> None:
     torch.set_num_threads(1)
     import trainer.cli
     import trainer.peer  # noqa: F401 - what the zygote imports
-    from trainer.loop import preload_dataset
+    from trainer.data import dataset_for
 
-    preload_dataset(spec["dataset"], spec["data_dir"])
+    dataset_for(spec["dataset"], spec["data_dir"])
     if spec["warm"]:
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     argv = ["peer", "--events", "jsonl", "--run-dir", spec["run_dir"], "--threads", "1",

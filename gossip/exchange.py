@@ -63,7 +63,29 @@ class WeightStore(Protocol):
     schema: str
     nbytes: int
     lock: threading.Lock
-    array: np.ndarray  # the live weights, flat float32
+    array: np.ndarray  # the live weights, flat float32 (or a host mirror of them)
+
+    # Optional, called under ``lock``: a store whose weights live elsewhere (a GPU) copies
+    # them into ``array`` before it is read (``refresh_host``), and applies a delta added to
+    # ``array`` to the real weights too (``push_delta``). Plain arrays need neither.
+
+
+def _refresh(store: WeightStore) -> None:
+    refresh = getattr(store, "refresh_host", None)
+    if refresh is not None:
+        refresh()
+
+
+def _copy_out(store: WeightStore, out: np.ndarray) -> None:
+    _refresh(store)
+    np.copyto(out, store.array)
+
+
+def _add_in(store: WeightStore, delta: np.ndarray) -> None:
+    np.add(store.array, delta, store.array)
+    push = getattr(store, "push_delta", None)
+    if push is not None:
+        push(delta)
 
 
 def _locked(lock: threading.Lock, fn: Callable[..., Any], *args: Any) -> None:
@@ -88,6 +110,7 @@ class _SnapshotPieces:
     def __iter__(self) -> Iterator[int]:
         src, out, n = self.store.array, self.out, self.out.size
         try:
+            _refresh(self.store)
             for start in range(0, n, self.PIECE):
                 end = min(n, start + self.PIECE)
                 np.copyto(out[start:end], src[start:end])
@@ -304,7 +327,7 @@ class Exchanger:
 
     async def _take_snapshot(self) -> None:
         """Copy our weights into the snapshot buffer."""
-        await self._with_weights(np.copyto, self._snap, self.store.array)
+        await self._with_weights(_copy_out, self.store, self._snap)
         if self._check_own:
             if not np.isfinite(np.dot(self._snap, self._snap)):
                 raise UpdateRejected("our own weights are not finite; not exchanging")
@@ -358,7 +381,7 @@ class Exchanger:
 
     async def _mix(self, delta: np.ndarray) -> None:
         """current += delta (already scaled): one pass, no temporary."""
-        await self._with_weights(np.add, self.store.array, delta, self.store.array)
+        await self._with_weights(_add_in, self.store, delta)
 
     # -- responder -------------------------------------------------------------------------
     async def _on_offer(self, conn: Connection, frame: Frame) -> None:
@@ -404,7 +427,7 @@ class Exchanger:
         reason = (
             f"model schema {h.get('schema')!r} ({h.get('nbytes')} bytes) does not match ours "
             f"{self.store.schema!r} ({self.store.nbytes} bytes): "
-            "run every peer with the same --model and data set"
+            "run every peer with the same task and model"
         )
         await conn.send(MsgType.EXCH_DECLINE, {"incompatible": True, "reason": reason})
         if str(h.get("name")) not in self.incompatible:
@@ -417,12 +440,12 @@ class Exchanger:
         if frame.header.get("schema") != self.store.schema:
             reason = (
                 f"model schema {frame.header.get('schema')!r} does not match ours "
-                f"{self.store.schema!r}: run every peer with the same --model and data set"
+                f"{self.store.schema!r}: run every peer with the same task and model"
             )
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
-        await self._with_weights(np.copyto, weights, self.store.array)
+        await self._with_weights(_copy_out, self.store, weights)
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]

@@ -32,8 +32,19 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
+def add_task_arg(g: Any) -> None:
+    g.add_argument(
+        "--task",
+        metavar="NAME_OR_FILE",
+        help="what to train: a built-in task (classifier, shakespeare) or a task file "
+        "(my_task.py defining model() and data(peer, peers); see docs/api.md). "
+        "Default: classifier, set by --dataset and --model",
+    )
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
+    add_task_arg(g)
     g.add_argument(
         "--dataset",
         choices=("default", "mnist", "fashion-mnist"),
@@ -42,9 +53,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="folder with the IDX files for mnist / fashion-mnist")
     g.add_argument("--model", choices=("mlp", "cnn"), help="model (default mlp: 784-128-10)")
     g.add_argument("--partition", help="iid (default) or dirichlet:ALPHA for non-iid shards")
-    g.add_argument("--epochs", type=float, help="passes over each peer's own shard (default 1)")
-    g.add_argument("--batch-size", type=int, help="minibatch size (default 32)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument(
+        "--epochs", type=float, help="passes over each peer's own shard (default: the task's, or 1)"
+    )
+    g.add_argument(
+        "--steps", type=int, help="local steps per peer; overrides --epochs (default: the task's)"
+    )
+    g.add_argument("--batch-size", type=int, help="minibatch size (default: the task's, or 32)")
+    g.add_argument(
+        "--lr", type=float, help="learning rate for the task's optimizer (default: the task's)"
+    )
+    g.add_argument(
+        "--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (default: off)"
+    )
+    g.add_argument(
+        "--loader-workers",
+        type=int,
+        metavar="N",
+        help="DataLoader worker processes fetching batches (default 0: the training thread)",
+    )
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--seed", type=int, help="base seed (default 0)")
     g.add_argument(
         "--threads", type=int, help="torch threads per peer (default max(1, cores // local peers))"
@@ -60,7 +88,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--eval-every",
         type=int,
         metavar="STEPS",
-        help="report test accuracy every STEPS steps as 'eval' events (default: at the end)",
+        help="evaluate the task's metrics every STEPS steps as 'eval' events "
+        "(default: at the end)",
     )
 
 
@@ -191,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="gossip-train", help="swarm name")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("eval", help="test accuracy of a final model or checkpoint")
+    p = sub.add_parser("eval", help="a task's metrics of a final model or checkpoint")
     p.add_argument("model_path", metavar="MODEL_OR_CHECKPOINT")
+    add_task_arg(p)
     p.add_argument("--dataset", choices=("default", "mnist", "fashion-mnist"), default=None)
     p.add_argument("--data-dir")
     p.add_argument("--model", choices=("mlp", "cnn"), default=None)
@@ -203,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags of add_train_args that fill TrainConfig fields of the same name.
 TRAIN_KEYS = (
+    "task",
+    "steps",
+    "clip_grad",
+    "loader_workers",
+    "device",
     "dataset",
     "data_dir",
     "model",
@@ -276,8 +311,17 @@ def validate(cfg: Any) -> None:
     parse_scheme(cfg.train.partition)
     if not 0 <= cfg.index < cfg.num_peers:
         raise UserError(f"--index {cfg.index} must be in [0, --num-peers {cfg.num_peers})")
-    if cfg.train.epochs <= 0 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
-        raise UserError("--epochs, --batch-size and --lr must be positive")
+    t = cfg.train
+    for flag, value in (
+        ("--epochs", t.epochs),
+        ("--steps", t.steps),
+        ("--batch-size", t.batch_size),
+        ("--lr", t.lr),
+    ):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    if t.clip_grad < 0 or t.loader_workers < 0:
+        raise UserError("--clip-grad and --loader-workers must not be negative")
     if cfg.gossip.period_steps < 1:
         raise UserError("--period must be at least 1")
     if not 0 <= cfg.gossip.time_budget <= 64:
@@ -300,6 +344,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     validate(cfg)
     torch.set_num_threads(cfg.train.threads or default_threads(1))
     trainer = Trainer(cfg.train, cfg.index, cfg.num_peers)
+    if args.events != "jsonl":
+        print(f"task {trainer.task.name}: {trainer.total_steps} steps", file=sys.stderr)
     report = jsonl_reporter() if args.events == "jsonl" else None
     # No frame may be larger than a model's weights plus headroom: a garbage length from a
     # neighbour can then never make this peer allocate more than that.
@@ -307,9 +353,10 @@ def cmd_peer(args: argparse.Namespace) -> int:
     peer = Peer(cfg, trainer, TcpTransport(limits), report)
     result = run_async(peer.run())
     if args.events != "jsonl":
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (result["metrics"] or {}).items())
         print(
             f"{result['name']}: {result['steps']} steps, {result['exchanges']} exchanges, "
-            f"test accuracy {result['test_accuracy']:.4f}; final model {result['final_model']}"
+            f"{shown or 'no evaluation set'}; final model {result['final_model']}"
         )
     return 0
 
@@ -336,11 +383,11 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
-    acc, meta = evaluate_file(args.model_path, args.dataset, args.data_dir, args.model)
-    print(
-        f"{args.model_path}: test accuracy {acc:.4f} on {meta['dataset']} "
-        f"({meta['test_samples']} samples, model {meta['model']})"
+    metrics, meta = evaluate_file(
+        args.model_path, args.task, args.dataset, args.data_dir, args.model
     )
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"{args.model_path}: {shown} (task {meta['task']}, {meta['eval_samples']} samples)")
     return 0
 
 
@@ -396,6 +443,8 @@ def is_user_error(exc: BaseException) -> bool:
     from .config import ConfigError
     from .data import DataError
     from .peer import PeerError
+    from .task import TaskError
+    from .weights import ModelError
     from .zygote import ZygoteError
 
     return isinstance(
@@ -403,6 +452,8 @@ def is_user_error(exc: BaseException) -> bool:
         (
             ZygoteError,
             UserError,
+            TaskError,
+            ModelError,
             DataError,
             PeerError,
             ConfigError,

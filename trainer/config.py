@@ -14,6 +14,9 @@ from gossip.exchange import GossipConfig
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # What to train: a built-in task name (classifier, shakespeare) or a task file's path.
+    # The classifier task reads dataset, data_dir and model below.
+    task: str = "classifier"
     # "default" is the small MNIST subset shipped in the package (no download).
     dataset: str = "default"
     # Folder with the IDX files for mnist / fashion-mnist (plain, .gz or .gz.partN).
@@ -22,17 +25,31 @@ class TrainConfig:
     model: str = "mlp"
     # "iid" or "dirichlet:ALPHA"; smaller ALPHA gives each peer a more skewed label mix.
     partition: str = "iid"
-    # Passes over this peer's own partition.
-    epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 1e-3
+    # Passes over this peer's own partition; None: the task's DEFAULTS, else 1.
+    epochs: float | None = None
+    # Local steps to train; overrides epochs. None: from epochs (or the task's DEFAULTS).
+    steps: int | None = None
+    # None: the task's DEFAULTS, else 32.
+    batch_size: int | None = None
+    # Learning rate handed to the task's optimizer(lr=...); None: the task's own default
+    # (1e-3 for the default Adam).
+    lr: float | None = None
+    # Clip the gradient's global norm to this before each update (0: no clipping).
+    clip_grad: float = 0.0
+    # Worker processes fetching batches ahead (a torch DataLoader); 0 fetches on the
+    # training thread, which is fastest for in-memory tensors.
+    loader_workers: int = 0
+    # "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one).
+    device: str = "cpu"
+    # Evaluation batch size.
+    eval_batch_size: int = 256
     # Base seed. Every peer starts from the same initial weights (seed alone), shuffles its
     # data with (seed, peer index), and all peers compute the same disjoint partition.
     seed: int = 0
     # torch intra-op threads; 0 means max(1, cores // local peers).
     threads: int = 0
-    # Evaluate test accuracy every this many steps (0 = only at the end). Costs one pass over
-    # the test set on the training thread; used to measure time to accuracy.
+    # Evaluate the task's metrics every this many steps (0 = only at the end). Costs one pass
+    # over the evaluation set on the training thread; used to measure time to accuracy.
     eval_every: int = 0
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import load_any, model_state, save_atomic
-from .data import Dataset, load_dataset
-from .models import build_model, evaluate
+from .config import TrainConfig
+from .data import eval_batches
+from .task import Task, TaskError
 
 
 def _meta_for(path: Path) -> dict[str, Any]:
@@ -23,49 +26,120 @@ def _meta_for(path: Path) -> dict[str, Any]:
     return {}
 
 
+def task_metrics(task: Task, model: torch.nn.Module, eval_set: Any, batch_size: int) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return task.metrics(model, eval_batches(eval_set, batch_size))
+    finally:
+        model.train(was_training)
+
+
+def load_into(task: Task, state: Mapping[str, torch.Tensor], seed: int, source: str) -> Any:
+    """The task's model with ``state`` loaded strictly; one line naming the misfit if not."""
+    net = task.build_model(seed)
+    ref = net.state_dict()
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the model has not"
+        raise TaskError(f"{source}: not a model of task {task.name!r} (it {what})")
+    for key, want in ref.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise TaskError(
+                f"{source}: not a model of task {task.name!r} ({key} is {list(got.shape)} "
+                f"{got.dtype}, the model's is {list(want.shape)} {want.dtype})"
+            )
+    net.load_state_dict(state, strict=True)
+    return net
+
+
 def evaluate_file(
-    path: str, dataset: str | None, data_dir: str | None, model: str | None
-) -> tuple[float, dict[str, Any]]:
-    """Accuracy of a final model (state_dict) or a checkpoint on a data set's test split."""
+    path: str, task_spec: str | None, dataset: str | None, data_dir: str | None, model: str | None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A task's metrics of a final model (state_dict) or a checkpoint, on its evaluation set.
+
+    What the file does not say (task, data set, model) comes from the checkpoint's config or
+    the ``.json`` written beside a consensus model; flags override both.
+    """
+    from .loop import load_task_for
+
     p = Path(path)
     loaded = load_any(p)
     config = loaded.get("config", {}) if "format" in loaded else {}
     meta = {**_meta_for(p), **(config if isinstance(config, dict) else {})}
-    dataset = dataset or meta.get("dataset") or "default"
-    model = model or meta.get("model") or "mlp"
-    data = load_dataset(
-        dataset,
-        Path(data_dir)
-        if data_dir
-        else (Path(meta["data_dir"]) if meta.get("data_dir") and dataset != "default" else None),
+    if task_spec is None:
+        task_spec = meta.get("task_source") or meta.get("task") or "classifier"
+    saved_dir = meta.get("data_dir") if meta.get("dataset") not in (None, "default") else None
+    cfg = TrainConfig(
+        task=str(task_spec),
+        dataset=dataset or meta.get("dataset") or "default",
+        data_dir=data_dir or saved_dir,
+        model=model or meta.get("model") or "mlp",
+        seed=int(meta.get("seed", 0) or 0),
     )
-    net = build_model(model, data.input_shape, data.num_classes)
-    state = model_state(loaded)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ValueError(f"{p}: does not fit model {model!r}: {first[-1].strip()}") from None
-    acc = evaluate(net, data.x_test, data.y_test)
-    return acc, {"dataset": dataset, "model": model, "test_samples": len(data.y_test)}
+    task = load_task_for(cfg)
+    if meta.get("task") and meta["task"] != task.name:
+        raise TaskError(f"{p}: was written by task {meta['task']!r}, not {task.name!r}")
+    net = load_into(task, model_state(loaded), cfg.seed, str(p))
+    _, eval_set = task.datasets(0, int(meta.get("num_peers", 1) or 1))
+    if eval_set is None:
+        raise TaskError(f"task {task.name}: data() gives no evaluation set to evaluate on")
+    metrics = task_metrics(task, net, eval_set, cfg.eval_batch_size)
+    return metrics, {"task": task.name, "eval_samples": len(eval_set)}
+
+
+def average_states(finals: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
+    """Weighted average of saved state_dicts: floating tensors averaged (in float64, weights
+    normalized), every other tensor (integer buffers) taken from the first."""
+    total = sum(w for _, w in finals) or 1.0
+    avg: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    for i, (path, weight) in enumerate(finals):
+        state = model_state(load_any(path))
+        if i == 0:
+            first = state
+        elif state.keys() != first.keys():
+            raise TaskError(f"{path}: its tensors differ from {finals[0][0]}'s")
+        for k, v in state.items():
+            if v.is_floating_point():
+                w = v.to(torch.float64) * (weight / total)
+                avg[k] = avg[k] + w if k in avg else w
+    return {k: (avg[k].to(v.dtype) if k in avg else v.clone()) for k, v in first.items()}
 
 
 def consensus(
-    finals: list[tuple[Path, int]], model_name: str, data: Dataset, out: Path, meta: dict[str, Any]
-) -> float:
-    """Sample-weighted average of the peers' final weights; save it and return its accuracy."""
-    total = sum(n for _, n in finals)
-    avg: dict[str, torch.Tensor] = {}
-    for path, n in finals:
-        state = model_state(load_any(path))
-        for k, v in state.items():
-            w = v.to(torch.float64) * (n / total)
-            avg[k] = avg[k] + w if k in avg else w
-    net = build_model(model_name, data.input_shape, data.num_classes)
-    ref = net.state_dict()
-    state = {k: avg[k].to(ref[k].dtype) for k in ref}
-    net.load_state_dict(state)
-    acc = evaluate(net, data.x_test, data.y_test)
+    finals: list[tuple[Path, float]],
+    out: Path,
+    meta: dict[str, Any],
+    cfg: TrainConfig | None = None,
+    num_peers: int = 1,
+) -> dict[str, float] | None:
+    """Average the peers' final models into ``out`` (a plain state_dict); with the run's
+    TrainConfig, evaluate it on the task's evaluation set and return the metrics."""
+    from .loop import load_task_for
+
+    state = average_states(finals)
+    metrics = None
+    if cfg is not None:
+        task = load_task_for(cfg)
+        net = load_into(task, state, cfg.seed, str(out))
+        _, eval_set = task.datasets(0, num_peers)
+        if eval_set is not None:
+            metrics = task_metrics(task, net, eval_set, cfg.eval_batch_size)
+        meta = {**meta, "task": task.name, "task_source": task.source}
     save_atomic(state, out)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "test_accuracy": acc}, indent=2))
-    return acc
+    extra = {"metrics": metrics}
+    if metrics and "accuracy" in metrics:
+        extra["test_accuracy"] = metrics["accuracy"]
+    out.with_suffix(".json").write_text(json.dumps({**meta, **extra}, indent=2))
+    return metrics
+
+
+def run_config(args: Any) -> TrainConfig:
+    """The TrainConfig a launcher's peers run with (flags over the defaults)."""
+    from .cli import train_overrides
+
+    return dataclasses.replace(TrainConfig(), **train_overrides(args))

@@ -130,6 +130,8 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
 class LocalRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        # `gossip-train run`: the user's script with its arguments instead of `peer`.
+        self.script: list[str] | None = getattr(args, "script", None)
         n = args.peers
         if n < 1:
             raise ValueError("--peers must be at least 1")
@@ -390,11 +392,14 @@ class LocalRun:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             assert main is not None
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
-        if self.mode != "netns" and not getattr(self.args, "no_zygote", False):
+        zygote = self.mode != "netns" and not getattr(self.args, "no_zygote", False)
+        if zygote and not self.script:
             # A peer in a namespace must be exec'd there; everywhere else, fork them warm.
             # A bad --data-dir fails here, once, before any peer or network exists.
             self.zygote = Zygote()
-            await self.zygote.start(self.args.dataset or "default", self.args.data_dir)
+            await self.zygote.start(
+                self.args.dataset or "default", self.args.data_dir, self.args.task
+            )
         if self.mode == "proxy":
             await self._make_proxy()
         check_target(self.actions, self.net, "--chaos")
@@ -512,8 +517,7 @@ def last_error_line(log: Path) -> str:
 
 def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     """Consensus model, summary.json and the final table."""
-    from .data import load_dataset
-    from .evaluate import consensus
+    from .evaluate import consensus, run_config
 
     args = run.args
     peers: list[dict[str, Any]] = []
@@ -524,6 +528,7 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
                 "name": c.name,
                 "addr": c.addr,
                 "status": c.status,
+                "metrics": r.get("metrics"),
                 "test_accuracy": r.get("test_accuracy"),
                 "steps": r.get("steps"),
                 "samples": r.get("samples"),
@@ -536,31 +541,32 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
                 "restarts": c.restarts,
             }
         )
+    # Weighted by samples seen (by steps where an own loop does not count samples).
     finished = [
-        (Path(p["final_model"]), int(p["samples"]))
+        (Path(p["final_model"]), float(p["samples"] or p["steps"] or 0))
         for p in peers
         if p["status"] == "finished" and p["final_model"]
     ]
-    cons_acc = None
+    cons_metrics = None
     if finished:
-        data = load_dataset(
-            args.dataset or "default", Path(args.data_dir) if args.data_dir else None
-        )
+        cfg = None if run.script else run_config(args)
+        print(f"consensus: averaging {len(finished)} final models", file=sys.stderr)
         meta = {
-            "model": args.model or "mlp",
-            "dataset": args.dataset or "default",
-            "data_dir": args.data_dir,
             "peers": [p["name"] for p in peers if p["status"] == "finished"],
             "steps": sum(p["steps"] or 0 for p in peers),
-            "samples": sum(n for _, n in finished),
+            "samples": sum(p["samples"] or 0 for p in peers),
         }
-        cons_acc = consensus(
-            finished, args.model or "mlp", data, run.run_dir / "consensus.pt", meta
+        if cfg is not None:
+            meta.update(model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
+        cons_metrics = consensus(
+            finished, run.run_dir / "consensus.pt", meta, cfg, num_peers=len(run.children)
         )
+    cons_acc = (cons_metrics or {}).get("accuracy")
     events = run.events + chaos_events(run)
     write_progress(run)
     summary = {
         "wall_seconds": round(wall, 3),
+        "consensus_metrics": cons_metrics,
         "consensus_test_accuracy": cons_acc,
         "consensus_model": str(run.run_dir / "consensus.pt") if finished else None,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -624,21 +630,26 @@ def network_mode(args: argparse.Namespace, scenario: Scenario) -> str:
 
 
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
+    """Each peer's headline metric (the first its task reports), steps, exchanges, traffic."""
+    found = [p["metrics"] for p in summary["peers"] if p.get("metrics")]
+    key = next(iter(found[0])) if found else None
+    label = (key or "metric")[:10]
     print(
-        f"{'peer':<8} {'status':<9} {'accuracy':>8} {'steps':>6} {'exch':>5} {'MB out':>7} "
+        f"{'peer':<8} {'status':<9} {label:>10} {'steps':>6} {'exch':>5} {'MB out':>7} "
         f"{'MB in':>7} {'seconds':>7}"
     )
     for p in summary["peers"]:
-        acc = p["test_accuracy"]
+        value = (p.get("metrics") or {}).get(key) if key else None
         print(
             f"{p['name']:<8} {p['status']:<9} "
-            f"{(f'{acc:.4f}' if acc is not None else '-'):>8} {p['steps'] or 0:>6} "
+            f"{(f'{value:.4f}' if value is not None else '-'):>10} {p['steps'] or 0:>6} "
             f"{p['exchanges'] or 0:>5} {(p['bytes_sent'] or 0) / 1e6:>7.1f} "
             f"{(p['bytes_received'] or 0) / 1e6:>7.1f} {p['wall_seconds'] or 0:>7.1f}"
         )
-    cons = summary["consensus_test_accuracy"]
-    if cons is not None:
-        print(f"consensus model: test accuracy {cons:.4f} -> {run_dir / 'consensus.pt'}")
+    cons = summary.get("consensus_metrics") or {}
+    if summary.get("consensus_model"):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in cons.items()) or "not evaluated"
+        print(f"consensus model: {shown} -> {summary['consensus_model']}")
     print(f"wall time {summary['wall_seconds']:.1f} s; summary: {run_dir / 'summary.json'}")
 
 

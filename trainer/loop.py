@@ -1,4 +1,4 @@
-"""The local training loop, read top to bottom. Gossip enters at one marked point.
+"""The local training loop over a task, read top to bottom. Gossip enters at one marked point.
 
 ``Trainer.run`` executes on a dedicated thread so the peer's event loop keeps answering
 pings while torch holds the CPU. Each optimizer update holds ``weights.lock``; averaging
@@ -6,6 +6,10 @@ pings while torch holds the CPU. Each optimizer update holds ``weights.lock``; a
 half-updated and a mix never races the update. Forward and backward run without it: a mix
 may land between them, and that step's gradient is then one average stale, which is the
 inconsistent read asynchronous decentralized SGD (AD-PSGD) allows for.
+
+``TrainerBase`` is what the peer needs of any training driver (weights, step counters,
+checkpoints, evaluation); ``Trainer`` is our loop over a task, and
+``trainer.own_loop.OwnLoop`` is the user's own loop behind ``GossipOptimizer``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +30,7 @@ from .checkpoint import (
     BackgroundCheckpointer,
     CheckpointError,
     CheckpointStore,
+    _clone_tree,
     build_checkpoint,
     capture_rng,
     restore_rng,
@@ -33,71 +39,87 @@ from .checkpoint import (
     validate_compatible,
 )
 from .config import CheckpointConfig, TrainConfig
-from .data import BatchIterator, Dataset, load_dataset
-from .models import build_model, evaluate
-from .optim import FlatAdam
-from .partition import partition
+from .data import Batches, batch_size_of, eval_batches, to_device
+from .task import Task, TaskError, load_task
 from .weights import FlatWeights
 
 log = logging.getLogger(__name__)
+
+# Checkpoint config keys that must agree with the peer resuming from it.
+COMPAT_KEYS = ("task", "model", "dataset", "partition", "seed", "peer_index", "num_peers")
+# How often (in steps) the loop checks that no averaged tensor was swapped out of the flat
+# vector behind gossip's back (an assignment, a .to()).
+BOUND_CHECK_EVERY = 100
 
 
 @dataclass
 class StepInfo:
     step: int
     loss: float
-    epoch: float
-    accuracy: float | None = None  # test accuracy, on steps where eval_every says so
+    epoch: float | None
+    metrics: dict[str, float] | None = None  # on steps where eval_every says so
+    samples: int = 0
 
 
-# Data sets loaded before forking (see trainer.zygote), shared copy-on-write by the peers.
-_PRELOADED: dict[tuple[str, str | None], Dataset] = {}
+class NonFiniteLoss(TaskError):
+    """The loss became NaN or infinite: this peer stops and shares nothing more."""
 
 
-def preload_dataset(name: str, data_dir: str | None) -> Dataset:
-    data = load_dataset(name, Path(data_dir) if data_dir else None)
-    register_preloaded(name, data_dir, data)
-    return data
+def task_context(cfg: TrainConfig) -> dict[str, Any]:
+    """The run settings a task function may ask for by name (see trainer.task)."""
+    return {
+        "seed": cfg.seed,
+        "partition": cfg.partition,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "data_dir": cfg.data_dir,
+        "dataset": cfg.dataset,
+        "arch": cfg.model,
+        "steps": cfg.steps,
+    }
 
 
-def register_preloaded(name: str, data_dir: str | None, data: Dataset) -> None:
-    """Make ``data`` what every Trainer of this process (and its forks) uses for the set."""
-    _PRELOADED[(name, data_dir)] = data
+def load_task_for(cfg: TrainConfig) -> Task:
+    task = load_task(cfg.task)
+    # The task's DEFAULTS fill what the user did not set; the context carries the result.
+    ctx = task_context(cfg)
+    for key in ("batch_size", "lr"):
+        if ctx.get(key) is None and key in task.defaults:
+            ctx[key] = task.defaults[key]
+    ctx["batch_size"] = ctx.get("batch_size") or 32
+    task.context = ctx
+    return task
 
 
-def dataset_for(cfg: TrainConfig) -> Dataset:
-    found = _PRELOADED.get((cfg.dataset, cfg.data_dir))
-    if found is not None:
-        return found
-    return load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TaskError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
-class Trainer:
-    def __init__(
-        self, cfg: TrainConfig, peer_index: int, num_peers: int, dataset: Dataset | None = None
-    ) -> None:
-        self.cfg = cfg
+@dataclass
+class _CkptClock:
+    step: int = 0
+    t: float = field(default_factory=time.monotonic)
+
+
+class TrainerBase:
+    """Weights, counters, checkpoints and evaluation: what a peer needs of a training driver."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any = None
+    total_steps: int | None = None
+    shard_size: int | None = None
+
+    def __init__(self, model: torch.nn.Module, peer_index: int, num_peers: int) -> None:
+        self.model = model
         self.peer_index = peer_index
         self.num_peers = num_peers
-        self.data = dataset or dataset_for(cfg)
-        shard = partition(
-            self.data.y_train.numpy(),
-            num_peers,
-            peer_index,
-            cfg.partition,
-            cfg.seed,
-            min_samples=cfg.batch_size,
-        )
-        self.batches = BatchIterator(
-            self.data.x_train, self.data.y_train, shard, cfg.batch_size, cfg.seed, peer_index
-        )
-        self.model = build_model(
-            cfg.model, self.data.input_shape, self.data.num_classes, seed=cfg.seed
-        )
-        self.weights = FlatWeights(self.model)
-        self.optimizer = FlatAdam(self.weights, lr=cfg.lr)
-        self.loss_fn = torch.nn.CrossEntropyLoss()
-        self.total_steps = max(1, math.ceil(cfg.epochs * self.batches.batches_per_epoch))
+        self.weights = FlatWeights(model)
         self.step = 0
         self.samples = 0
         self.loss = math.nan
@@ -107,27 +129,28 @@ class Trainer:
         self.checkpointer: BackgroundCheckpointer | None = None
         self.ckpt_cfg = CheckpointConfig()
         self.ckpt_meta: dict = {}  # peers and incarnation, refreshed by the peer
-        self._last_ckpt = (0, time.monotonic())
+        self._last_ckpt = _CkptClock()
         self.resumed_from: str | None = None
         self.checkpoint_stall = 0.0  # longest time a checkpoint snapshot held the step lock
+        self.last_metrics: dict[str, float] = {}
+
+    # -- what subclasses fill in -------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this trainer."""
+        return {"peer_index": self.peer_index, "num_peers": self.num_peers}
+
+    def extra_state(self) -> dict[str, Any]:
+        """More to checkpoint (the data cursor, a user's state), taken under the step lock."""
+        return {}
+
+    def load_extra(self, ckpt: dict[str, Any], source: str) -> None:
+        """Restore what ``extra_state`` saved."""
+
+    def evaluate(self, locked: bool = False) -> dict[str, float]:
+        """This peer's metrics: its evaluation, or what its own loop reported."""
+        return dict(self.last_metrics)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def identity(self) -> dict:
-        """What a checkpoint must agree on to be resumed by this trainer."""
-        c = self.cfg
-        return {
-            "model": c.model,
-            "dataset": c.dataset,
-            "partition": c.partition,
-            "seed": c.seed,
-            "peer_index": self.peer_index,
-            "num_peers": self.num_peers,
-            "batch_size": c.batch_size,
-            "lr": c.lr,
-            "epochs": c.epochs,
-            "data_dir": c.data_dir,
-        }
-
     def enable_checkpoints(self, cfg: CheckpointConfig) -> dict | None:
         """Open the checkpoint folder, resume from its newest good file; return that file."""
         assert cfg.directory is not None
@@ -135,17 +158,20 @@ class Trainer:
         found = store.latest()
         if found is not None:
             ckpt, path = found
+            source = f"checkpoint {path}"
+            mine = self.identity()
             validate_compatible(
-                ckpt["config"],
-                self.identity(),
-                keys=("model", "dataset", "partition", "seed", "peer_index", "num_peers"),
-                source=f"checkpoint {path}",
+                ckpt["config"], mine, keys=[k for k in COMPAT_KEYS if k in mine], source=source
             )
-            restore_training_state(ckpt, self.model, self.optimizer, source=f"checkpoint {path}")
-            try:
-                self.batches.load_state_dict(ckpt["data"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"checkpoint {path}: {exc}") from None
+            restore_training_state(ckpt, self.model, self.optimizer, source=source)
+            if self.scheduler is not None and ckpt.get("scheduler") is not None:
+                try:
+                    self.scheduler.load_state_dict(ckpt["scheduler"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise CheckpointError(
+                        f"{source}: scheduler state does not fit ({exc})"
+                    ) from None
+            self.load_extra(ckpt, source)
             restore_rng(ckpt["rng"])
             self.step = ckpt["step"]
             self.samples = int(ckpt["config"].get("samples", 0))
@@ -154,14 +180,14 @@ class Trainer:
         set_aside_unreadable(store, found[1] if found else None)
         self.ckpt_cfg = cfg
         self.checkpointer = BackgroundCheckpointer(store)
-        self._last_ckpt = (self.step, time.monotonic())
+        self._last_ckpt = _CkptClock(self.step)
         return found[0] if found else None
 
-    def _checkpoint_due(self) -> bool:
-        cfg, (last_step, last_t) = self.ckpt_cfg, self._last_ckpt
-        by_steps = cfg.every_steps > 0 and self.step - last_step >= cfg.every_steps
-        by_time = cfg.every_seconds > 0 and time.monotonic() - last_t >= cfg.every_seconds
-        return by_steps or by_time
+    def checkpoint_due(self) -> bool:
+        cfg, last = self.ckpt_cfg, self._last_ckpt
+        by_steps = cfg.every_steps > 0 and self.step - last.step >= cfg.every_steps
+        by_time = cfg.every_seconds > 0 and time.monotonic() - last.t >= cfg.every_seconds
+        return self.checkpointer is not None and (by_steps or by_time)
 
     def checkpoint_now(self, wait: bool = False) -> None:
         """Copy the state under the step lock; a background thread serializes and writes.
@@ -173,65 +199,169 @@ class Trainer:
             return
         t0 = time.perf_counter()
         with self.weights.lock:
+            self.weights.refresh_host()  # a GPU model: the state is read on the device below
             model, optim = snapshot_model_optimizer(self.model, self.optimizer)
-            data = self.batches.state_dict()
+            sched = _clone_tree(self.scheduler.state_dict()) if self.scheduler else None
+            extra = _clone_tree(self.extra_state())
         self.checkpoint_stall = max(self.checkpoint_stall, time.perf_counter() - t0)
         meta = self.ckpt_meta
         state = build_checkpoint(
             model=model,
             optimizer=optim,
             step=self.step,
-            data=data,
+            data=extra.pop("data", {}),
             rng=capture_rng(),
             config={**self.identity(), "samples": self.samples},
             peers=meta.get("peers", ()),
             incarnation=int(meta.get("incarnation", 0)),
         )
+        state["scheduler"] = sched
+        state.update(extra)
         if wait:
             self.checkpointer.store.save(state)
         else:
             self.checkpointer.submit(state)
-        self._last_ckpt = (self.step, time.monotonic())
+        self._last_ckpt = _CkptClock(self.step)
 
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.close(timeout=10.0)
 
-    @property
-    def shard_size(self) -> int:
-        return self.batches.num_samples
+    def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
+        raise NotImplementedError
+
+
+class Trainer(TrainerBase):
+    """Our loop over a task: batches from the task's data, its loss, optimizer and metrics."""
+
+    def __init__(
+        self, cfg: TrainConfig, peer_index: int, num_peers: int, task: Task | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.task = task or load_task_for(cfg)
+        ctx = self.task.context
+        self.device = resolve_device(cfg.device)
+        self.batch_size = int(ctx["batch_size"])
+        train_set, self.eval_set = self.task.datasets(peer_index, num_peers)
+        self.batches = Batches(
+            train_set, self.batch_size, cfg.seed, peer_index, workers=cfg.loader_workers
+        )
+        total = self._total_steps()
+        ctx["steps"] = total  # a scheduler(optimizer, steps=...) sees the run's length
+        model = self.task.build_model(cfg.seed).to(self.device)
+        super().__init__(model, peer_index, num_peers)
+        self.total_steps = total
+        self.shard_size = self.batches.num_samples
+        self.optimizer = self.task.optimizer(model, self.weights.params)
+        self.scheduler = self.task.scheduler(self.optimizer)
+
+    def _total_steps(self) -> int:
+        """--steps, else --epochs, else the task's DEFAULTS (steps, then epochs), else 1 epoch."""
+        cfg, defaults = self.cfg, self.task.defaults
+        if cfg.steps:
+            return int(cfg.steps)
+        if cfg.epochs is None and defaults.get("steps"):
+            return int(defaults["steps"])
+        epochs = cfg.epochs if cfg.epochs is not None else float(defaults.get("epochs", 1.0))
+        return max(1, math.ceil(epochs * self.batches.batches_per_epoch))
+
+    def identity(self) -> dict[str, Any]:
+        c, ctx = self.cfg, self.task.context
+        return {
+            "task": self.task.name,
+            "task_source": self.task.source,
+            "model": c.model,
+            "dataset": c.dataset,
+            "partition": c.partition,
+            "seed": c.seed,
+            "peer_index": self.peer_index,
+            "num_peers": self.num_peers,
+            "batch_size": self.batch_size,
+            "lr": ctx.get("lr"),
+            "epochs": c.epochs,
+            "steps": self.total_steps,
+            "data_dir": c.data_dir,
+            "schema": self.weights.schema,
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"data": self.batches.state_dict()}
+
+    def load_extra(self, ckpt: dict[str, Any], source: str) -> None:
+        try:
+            self.batches.load_state_dict(ckpt["data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+
+    def close(self) -> None:
+        self.batches.close()
+        super().close()
 
     def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
         """Train until ``total_steps`` or ``stop`` is set. Runs on the training thread."""
-        model, opt, lock = self.model, self.optimizer, self.weights.lock
+        model, opt, sched, lock = self.model, self.optimizer, self.scheduler, self.weights.lock
+        task, clip, total = self.task, self.cfg.clip_grad, self.total_steps or 0
+        assert total > 0
         model.train()
-        while self.step < self.total_steps and not stop.is_set():
-            x, y = next(self.batches)
+        while self.step < total and not stop.is_set():
+            batch = to_device(next(self.batches), self.device)
             t0 = time.perf_counter()
             opt.zero_grad()
-            loss = self.loss_fn(model(x), y)
+            loss = task.loss(model, batch)
             loss.backward()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"loss is {value} at step {self.step + 1}: this peer stops training and "
+                    "shares no more weights (its last good weights are kept)"
+                )
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.weights.params, clip)
             with lock:  # only the update: gossip may snapshot or mix during fwd/bwd
                 opt.step()
+            if sched is not None:
+                sched.step()
             dt = time.perf_counter() - t0
             self.step_seconds = dt if self.step == 0 else 0.98 * self.step_seconds + 0.02 * dt
             self.step += 1
-            self.samples += len(y)
-            self.loss = loss.item()
+            self.samples += batch_size_of(batch)
+            self.loss = value
             if self.slowdown > 0:
                 time.sleep(dt * self.slowdown)
-            if self.checkpointer is not None and self._checkpoint_due():
+            if self.step % BOUND_CHECK_EVERY == 0:
+                self.weights.check_bound()
+            if self.checkpoint_due():
                 self.checkpoint_now()
             # ---- gossip enters here: between steps, the peer may snapshot or mix weights ----
-            acc = None
+            metrics = None
             every = self.cfg.eval_every
-            if every > 0 and (self.step % every == 0 or self.step == self.total_steps):
-                acc = self.test_accuracy()
-            on_step(StepInfo(self.step, self.loss, self.step / self.batches.batches_per_epoch, acc))
+            if every > 0 and (self.step % every == 0 or self.step == total):
+                metrics = self.evaluate()
+            epoch = self.step / self.batches.batches_per_epoch
+            on_step(StepInfo(self.step, value, epoch, metrics, self.samples))
 
-    def test_accuracy(self) -> float:
-        with self.weights.lock:
-            return evaluate(self.model, self.data.x_test, self.data.y_test)
+    def evaluate(self, locked: bool = False) -> dict[str, float]:
+        """The task's metrics on its evaluation set ({} without one). With ``locked`` the
+        weights lock is held throughout, so no exchange lands mid-evaluation."""
+        if self.eval_set is None:
+            return {}
+        if locked:
+            with self.weights.lock:
+                return self._evaluate()
+        return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        size = self.cfg.eval_batch_size
+        try:
+            with torch.inference_mode():
+                batches = (to_device(b, self.device) for b in eval_batches(self.eval_set, size))
+                self.last_metrics = self.task.metrics(model, batches)
+        finally:
+            model.train(was_training)
+        return dict(self.last_metrics)
 
 
 def set_aside_unreadable(store: CheckpointStore, resumed: Path | None) -> None:

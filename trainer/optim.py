@@ -26,10 +26,36 @@ import torch
 from .weights import FlatWeights
 
 
+def flat_view(params: list[torch.Tensor]) -> torch.Tensor:
+    """The one tensor ``params`` are consecutive views of (as ``FlatWeights`` lays them out).
+
+    ValueError if they are not laid out that way: FlatAdam then cannot work on them.
+    """
+    if not params:
+        raise ValueError("FlatAdam: no parameters")
+    first = params[0]
+    storage, start, offset = first.untyped_storage(), first.storage_offset(), 0
+    for p in params:
+        laid_out = (
+            p.untyped_storage().data_ptr() == storage.data_ptr()
+            and p.storage_offset() == start + offset
+            and p.is_contiguous()
+            and p.dtype == first.dtype
+        )
+        if not laid_out:
+            raise ValueError(
+                "FlatAdam needs parameters laid out in one flat vector (trainer.weights."
+                "FlatWeights does that); use torch.optim.Adam for these"
+            )
+        offset += p.numel()
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(storage, start, (offset,), (1,))
+
+
 class FlatAdam:
     def __init__(
         self,
-        weights: FlatWeights,
+        params: FlatWeights | list[torch.Tensor],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -37,8 +63,8 @@ class FlatAdam:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
-        self.params = weights.params
-        self.flat = weights.flat
+        self.params = list(params.params if isinstance(params, FlatWeights) else params)
+        self.flat = flat_view(self.params)
         self.grad = torch.zeros_like(self.flat)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
@@ -56,8 +82,8 @@ class FlatAdam:
             offset += n
         return out
 
-    def zero_grad(self) -> None:
-        self.grad.zero_()
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self.grad.zero_()  # never None: backward accumulates into the flat gradient's views
 
     @torch.no_grad()
     def step(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -139,3 +140,56 @@ def partition(
     if not 0 <= peer_index < num_peers:
         raise ValueError(f"partition: peer_index {peer_index} not in [0, {num_peers})")
     return partition_all(labels, num_peers, scheme, seed, min_samples=min_samples)[peer_index]
+
+
+def labels_of(dataset: Any) -> np.ndarray | None:
+    """Integer class labels of a map-style data set, where they can be read without a pass.
+
+    A ``TensorDataset`` whose last tensor is 1-D integers, or a data set with a ``targets``
+    attribute (torchvision's convention); None otherwise.
+    """
+    for found in (getattr(dataset, "targets", None), _last_tensor(dataset)):
+        if found is None:
+            continue
+        arr = np.asarray(found.numpy() if hasattr(found, "numpy") else found)
+        if arr.ndim == 1 and arr.dtype.kind in "iu":
+            return arr
+    return None
+
+
+def _last_tensor(dataset: Any) -> Any:
+    tensors = getattr(dataset, "tensors", None)
+    return tensors[-1] if isinstance(tensors, tuple) and tensors else None
+
+
+def split(
+    dataset: Any,
+    peer: int,
+    peers: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    *,
+    labels: Any = None,
+    min_samples: int = 1,
+) -> Any:
+    """This peer's part of ``dataset``: a ``torch.utils.data.Subset``, the same on every peer.
+
+    For tasks whose ``data(peer, peers)`` cuts one data set among the peers. ``iid`` needs
+    nothing but the length; ``dirichlet:ALPHA`` needs integer class labels, taken from
+    ``labels`` or read off the data set (see ``labels_of``). Deterministic from ``seed``:
+    every peer computes the same disjoint parts and keeps its own.
+    """
+    from torch.utils.data import Subset
+
+    if parse_scheme(scheme).kind == "iid":
+        found = np.zeros(len(dataset), dtype=np.int64)
+    else:
+        found = labels_of(dataset) if labels is None else np.asarray(labels)
+        if found is None:
+            raise ValueError(
+                f"partition {scheme!r} needs class labels: pass labels= to split(), or use iid"
+            )
+        if len(found) != len(dataset):
+            raise ValueError(f"split: {len(found)} labels for {len(dataset)} samples")
+    indices = partition(found, peers, peer, scheme, seed, min_samples=min_samples)
+    return Subset(dataset, indices.tolist())

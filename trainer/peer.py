@@ -29,7 +29,8 @@ from p2p.transport import Connection, Transport, TransportError, parse_addr
 
 from .checkpoint import save_atomic
 from .config import PeerConfig
-from .loop import StepInfo, Trainer
+from .loop import StepInfo, TrainerBase
+from .task import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Peer:
     def __init__(
         self,
         cfg: PeerConfig,
-        trainer: Trainer,
+        trainer: TrainerBase,
         transport: Transport,
         report: Reporter | None = None,
         incarnation: int = 0,
@@ -180,7 +181,15 @@ class Peer:
                 await self._join()
                 await self._catch_up()
                 gossip_task = tg.create_task(self._gossip_loop())
-                await self._train()
+                try:
+                    await self._train()
+                except TaskError as exc:
+                    # A diverged loss, a task that returns the wrong thing: stop sharing
+                    # weights at once, say why, and leave rather than be declared dead.
+                    self.exchanger.ready = False
+                    self.emit("error", error=str(exc), step=self.trainer.step)
+                    await self.membership.leave(timeout=2.0)
+                    raise
                 await self._linger()
                 gossip_task.cancel()
                 result = await self._finish()
@@ -347,9 +356,9 @@ class Peer:
         exchanger = self.exchanger
 
         def on_step(info: StepInfo) -> None:
-            if info.accuracy is not None:
-                acc = round(info.accuracy, 4)
-                loop.call_soon_threadsafe(lambda: self.emit("eval", step=info.step, accuracy=acc))
+            if info.metrics is not None:
+                metrics = info.metrics
+                loop.call_soon_threadsafe(lambda: self._eval_event(info.step, metrics))
             # exchanges: an int the loop thread writes; reading it here needs no lock
             if clock.step(exchanger.exchanges):
                 loop.call_soon_threadsafe(kick.set)
@@ -368,6 +377,10 @@ class Peer:
             await thread_done
         finally:
             self.stop.set()
+
+    def _eval_event(self, step: int, metrics: dict[str, float]) -> None:
+        extra = {"accuracy": round(metrics["accuracy"], 4)} if "accuracy" in metrics else {}
+        self.emit("eval", step=step, metrics=metrics, **extra)
 
     def _report_checkpoint_error(self) -> None:
         """One event per streak of failed background writes (disk filled up mid-run, say):
@@ -442,10 +455,10 @@ class Peer:
         # Decline exchanges from now on: the accuracy reported, final.pt and the last
         # checkpoint must all be the same weights.
         self.exchanger.ready = False
-        acc = await asyncio.to_thread(t.test_accuracy)
+        metrics = await asyncio.to_thread(t.evaluate, True)
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final.pt"
-        state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()}
         await asyncio.to_thread(save_atomic, state, final)
         if t.checkpointer is not None:
             await asyncio.to_thread(t.checkpoint_now)  # the last state survives a restart
@@ -454,7 +467,8 @@ class Peer:
             "name": self.node.name,
             "addr": self.node.addr,
             "status": self.status,
-            "test_accuracy": acc,
+            "metrics": metrics,
+            "test_accuracy": metrics.get("accuracy"),
             "steps": t.step,
             "samples": t.samples,
             "exchanges": self.exchanger.exchanges,

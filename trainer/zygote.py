@@ -126,7 +126,20 @@ def _serve(sock: socket.socket) -> None:
                 children.add(pid)
 
 
-def _preload(dataset: str, data_dir: str | None) -> None:
+def _preload(dataset: str, data_dir: str | None, task: str | None = None) -> None:
+    """Import torch, the trainer and the task's module; read the classifier's data set.
+
+    A task file's import errors surface here, once, before any peer exists."""
+    if task not in (None, "classifier"):
+        import torch
+
+        torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
+        import trainer.cli  # noqa: F401 - warm the import cache for the children
+        import trainer.peer  # noqa: F401
+        from trainer.task import load_task
+
+        load_task(task)
+        return
     # Reading and decompressing the data set is mostly zlib, which releases the GIL, and
     # importing torch is mostly not I/O: on two cores the two overlap almost fully.
     from trainer.idx import load_arrays
@@ -146,8 +159,7 @@ def _preload(dataset: str, data_dir: str | None) -> None:
     torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
     import trainer.cli  # noqa: F401 - warm the import cache for the children
     import trainer.peer  # noqa: F401
-    from trainer.data import build_dataset
-    from trainer.loop import register_preloaded
+    from trainer.data import build_dataset, register_preloaded
 
     thread.join()  # no thread may outlive this: the zygote forks next
     if "error" in read:
@@ -162,11 +174,12 @@ def main() -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--data-dir")
+    parser.add_argument("--task")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     sock = socket.socket(fileno=args.fd)
     try:
-        _preload(args.dataset, args.data_dir)
+        _preload(args.dataset, args.data_dir, args.task)
     except Exception as exc:  # noqa: BLE001 - reported to the launcher as one line
         _send(sock, {"op": "error", "error": str(exc)})
         return
@@ -210,7 +223,13 @@ class Zygote:
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
 
-    async def start(self, dataset: str, data_dir: str | None, timeout: float = 180.0) -> None:
+    async def start(
+        self,
+        dataset: str,
+        data_dir: str | None,
+        task: str | None = None,
+        timeout: float = 180.0,
+    ) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [
             sys.executable,
@@ -223,6 +242,8 @@ class Zygote:
         ]
         if data_dir:
             argv += ["--data-dir", data_dir]
+        if task:
+            argv += ["--task", task]
         self.proc = await asyncio.create_subprocess_exec(
             *argv, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
         )

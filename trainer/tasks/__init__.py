@@ -1,0 +1,1 @@
+"""Built-in tasks: modules that trainer.task loads by name."""

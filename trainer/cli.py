@@ -124,15 +124,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *dir_flag: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gossip-train",
-        description="Train one PyTorch model on many peers by gossip averaging; no server.",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("local", help="run N peers on this machine (one process each)")
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the launchers, `local` and `run`."""
     p.add_argument("--peers", type=int, default=4, help="number of peers (default 4)")
     p.add_argument("--run-dir", help="where results go (default runs/<date-time>)")
     p.add_argument(
@@ -148,11 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a finished peer keeps answering exchanges (default 2)",
     )
     p.add_argument("--no-progress", action="store_true", help="no live progress view")
-    p.add_argument(
-        "--no-zygote",
-        action="store_true",
-        help="start each peer as a fresh process instead of forking a pre-loaded one",
-    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -173,10 +161,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--restart-delay", type=float, default=1.0, help="seconds before a restart (default 1)"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gossip-train",
+        description="Train one PyTorch model on many peers by gossip averaging; no server.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("local", help="run N peers on this machine (one process each)")
+    add_launcher_args(p)
+    p.add_argument(
+        "--no-zygote",
+        action="store_true",
+        help="start each peer as a fresh process instead of forking a pre-loaded one",
+    )
     add_train_args(p)
     add_net_args(p)
     add_checkpoint_args(p)
     chaos.add_local_args(p)
+
+    p = sub.add_parser(
+        "run",
+        help="run N copies of your own training script (like torchrun), each a peer",
+        description="Start N processes of SCRIPT, each with RANK, WORLD_SIZE, LOCAL_RANK, "
+        "LOCAL_WORLD_SIZE and the GOSSIP_TRAIN_* variables that GossipOptimizer reads.",
+    )
+    add_launcher_args(p)
+    p.add_argument(
+        "--threads", type=int, help="torch threads per copy (default max(1, cores // peers))"
+    )
+    p.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
+    add_net_args(p)
+    chaos.add_local_args(p)
+    p.add_argument("script", metavar="SCRIPT", help="the training script (a .py file)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
     p = sub.add_parser("peer", help="run one peer (one per machine, or by hand)")
     p.add_argument("--config", help="TOML file with peer settings (flags override it)")
@@ -380,6 +401,18 @@ def cmd_local(args: argparse.Namespace) -> int:
     return run_local(args)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .local import run_local
+
+    script = Path(args.script)
+    if not script.is_file():
+        raise UserError(f"script {script}: no such file")
+    args.script = [str(script.resolve()), *args.script_args]
+    return run_local(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
@@ -415,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "peer": cmd_peer,
         "local": cmd_local,
+        "run": cmd_run,
         "members": cmd_members,
         "eval": cmd_eval,
         "chaos": chaos.run_chaos,

@@ -98,6 +98,11 @@ class PeerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+# Variables through which `gossip-train run` tells each copy of a script where it stands
+# (read by trainer.own_loop.GossipOptimizer): GOSSIP_TRAIN_LISTEN, _JOIN, _RUN_DIR, ...
+ENV_PREFIX = "GOSSIP_TRAIN_"
+
+
 class ConfigError(ValueError):
     pass
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
 from .cli import TRAIN_KEYS
-from .config import default_threads
+from .config import ENV_PREFIX, default_threads
 from .netns import FaultNet, NamespaceNet, NetError, NetnsConfig, ProxyNet, netns_available
 from .zygote import Zygote, ZygoteChild
 
@@ -55,6 +55,7 @@ class Child:
     wrap: list[str] = field(default_factory=list)  # argv prefix (ip netns exec NS)
     chaos_killed: bool = False  # the last exit was a fault we injected
     restart_now: bool = False  # restart at once after the injected SIGKILL
+    events: asyncio.StreamReader | None = None  # where its JSON events arrive
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -125,6 +126,47 @@ def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) 
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
     return argv
+
+
+def script_env(
+    args: argparse.Namespace, child: Child, n: int, seeds: list[str], events_fd: int
+) -> dict[str, str]:
+    """The environment of one copy of a `gossip-train run` script: torchrun's variables
+    (so existing sharding code works) and the GOSSIP_TRAIN_* ones GossipOptimizer reads."""
+    threads = str(args.threads or default_threads(n))
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": threads,
+        "RANK": str(child.index),
+        "WORLD_SIZE": str(n),
+        "LOCAL_RANK": str(child.index),
+        "LOCAL_WORLD_SIZE": str(n),
+    }
+    ours = {
+        "LISTEN": child.listen or child.addr,
+        "ADVERTISE": child.addr if child.listen else "",
+        "JOIN": ",".join(seeds),
+        "NAME": child.name,
+        "INDEX": str(child.index),
+        "NUM_PEERS": str(n),
+        "RUN_DIR": str(child.run_dir),
+        "THREADS": threads,
+        "EVENTS_FD": str(events_fd),
+        "LINGER": str(2.0 if args.linger is None else args.linger),
+        "ALLOW_CONTROL": "1" if getattr(args, "allow_control", False) else "",
+        "CHECKPOINT_DIR": str(child.run_dir / "checkpoints")
+        if args.checkpoints or args.restart_failed
+        else "",
+        "LINGER_QUIET": str(max(2.0, args.restart_delay + RESTART_GRACE))
+        if args.restart_failed
+        else "",
+        "PERIOD": str(args.period) if getattr(args, "period", None) else "",
+        "CLUSTER": args.cluster or "",
+        "PROFILE": args.profile or "",
+    }
+    env.update({ENV_PREFIX + k: v for k, v in ours.items()})
+    return env
 
 
 class LocalRun:
@@ -237,9 +279,9 @@ class LocalRun:
         self.events.append(ev)
 
     async def _read(self, child: Child) -> None:
-        assert child.proc is not None and child.proc.stdout is not None
+        assert child.events is not None
         while True:
-            line = await child.proc.stdout.readline()
+            line = await child.events.readline()
             if not line:
                 return
             try:
@@ -251,11 +293,15 @@ class LocalRun:
 
     async def _start(self, child: Child, seeds: list[str]) -> None:
         child.run_dir.mkdir(parents=True, exist_ok=True)
-        argv = peer_argv(self.args, child, len(self.children), seeds)
-        if self.zygote is not None:
+        if self.script:
+            await self._start_script(child, seeds)
+        elif self.zygote is not None:
             # Same `gossip-train peer` argv, forked from the pre-loaded zygote.
+            argv = peer_argv(self.args, child, len(self.children), seeds)
             child.proc = await self.zygote.spawn(argv[3:], str(child.run_dir / "log.txt"))
+            child.events = child.proc.stdout
         else:
+            argv = peer_argv(self.args, child, len(self.children), seeds)
             log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             child.proc = await asyncio.create_subprocess_exec(
@@ -266,6 +312,7 @@ class LocalRun:
                 start_new_session=True,
             )
             log.close()
+            child.events = child.proc.stdout
         child.started = time.time()
         child.chaos_killed = False
         self.events.append(
@@ -277,6 +324,33 @@ class LocalRun:
             }
         )
         self.write_peers()
+
+    async def _start_script(self, child: Child, seeds: list[str]) -> None:
+        """`gossip-train run`: the user's script, told where it stands by its environment;
+        its events come back on a pipe of their own (its stdout and stderr go to log.txt)."""
+        assert self.script is not None
+        read_fd, write_fd = os.pipe()
+        log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            child.proc = await asyncio.create_subprocess_exec(
+                *child.wrap,
+                sys.executable,
+                *self.script,
+                stdout=log,
+                stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
+                env=script_env(self.args, child, len(self.children), seeds, write_fd),
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+            os.close(write_fd)
+        reader = asyncio.StreamReader(limit=1 << 20)
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        child.events = reader
 
     def _seeds_for(self, child: Child) -> list[str]:
         return [c.addr for c in self.children if c is not child]

@@ -1,0 +1,327 @@
+"""``GossipOptimizer``: gossip for a training loop the user keeps.
+
+    opt = GossipOptimizer(model, torch.optim.AdamW(model.parameters(), lr=3e-4))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    result = opt.close()
+
+The peer (membership, exchanges, checkpoints, linger, final model) is the same ``Peer`` that
+``gossip-train peer`` runs, on a background thread with its own event loop. Its training
+driver is ``OwnLoop``: instead of running our loop, it waits for the user's ``close()``,
+and every ``opt.step()`` on the user's thread plays the part of one of our steps (the inner
+update under the weights lock, the step counter, checkpoints, the gossip period).
+
+Settings come from keyword arguments, then from the variables ``gossip-train run`` sets
+(``GOSSIP_TRAIN_*``, ``RANK``, ``WORLD_SIZE``), then from the defaults of ``PeerConfig``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import ENV_PREFIX, CheckpointConfig, PeerConfig
+from .loop import BOUND_CHECK_EVERY, StepInfo, TrainerBase
+
+log = logging.getLogger(__name__)
+
+
+class GossipError(RuntimeError):
+    """The gossip side of a GossipOptimizer failed; the message says why."""
+
+
+class OwnLoop(TrainerBase):
+    """A training driver whose steps are the user's ``opt.step()`` calls."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        peer_index: int,
+        num_peers: int,
+        state: dict[str, Any],
+        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    ) -> None:
+        super().__init__(model, peer_index, num_peers)
+        self._evaluate_fn = evaluate
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.user_state = state
+        self.stop = threading.Event()  # set by close(): the user's loop is over
+        self.started = threading.Event()  # set when the peer hands us on_step
+        self._on_step: Callable[[StepInfo], None] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "task": "own-loop", "schema": self.weights.schema}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"user": dict(self.user_state)}
+
+    def load_extra(self, ckpt: dict[str, Any], source: str) -> None:
+        saved = ckpt.get("user") or {}
+        self.user_state.clear()
+        self.user_state.update(saved)
+
+    def evaluate(self, locked: bool = False) -> dict[str, float]:
+        """What ``report()`` said, and the user's ``evaluate(model)`` of the weights now."""
+        if self._evaluate_fn is not None:
+            with self.weights.lock if locked else contextlib.nullcontext():
+                found = self._evaluate_fn(self.model)
+            if not isinstance(found, dict):
+                raise TypeError(f"evaluate() returned {type(found).__name__}, not a dict")
+            # Its metrics first: the first key is the headline metric.
+            fresh = {str(k): float(v) for k, v in found.items()}
+            self.last_metrics = {
+                **fresh,
+                **{k: v for k, v in self.last_metrics.items() if k not in fresh},
+            }
+        return dict(self.last_metrics)
+
+    def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
+        """The peer's training thread: wait until the user's loop ends (or the peer stops)."""
+        self._on_step = on_step
+        self.started.set()
+        while not (self.stop.is_set() or stop.is_set()):
+            self.stop.wait(0.1)
+
+    def user_step(self, closure: Callable[[], Any] | None) -> Any:
+        with self.weights.lock:  # only the update, as in our own loop
+            out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        t = time.perf_counter()
+        if self.step:
+            dt = t - self._t_last
+            self.step_seconds = dt if self.step == 1 else 0.98 * self.step_seconds + 0.02 * dt
+        self._t_last = t
+        self.step += 1
+        if self.step % BOUND_CHECK_EVERY == 0:
+            self.weights.check_bound()
+        if self.checkpoint_due():
+            self.checkpoint_now()
+        if self._on_step is not None:
+            self._on_step(StepInfo(self.step, self.loss, None, None, self.samples))
+        return out
+
+
+def _env(key: str) -> str | None:
+    value = os.environ.get(ENV_PREFIX + key)
+    return value if value not in (None, "") else None
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
+    """PeerConfig from keyword arguments, then ``gossip-train run``'s variables, then defaults."""
+    base = PeerConfig()
+    join = _first(kw.get("join"), _env("JOIN"))
+    if isinstance(join, str):
+        join = tuple(a.strip() for a in join.split(",") if a.strip())
+    index = _first(kw.get("index"), _env("INDEX"), os.environ.get("RANK"))
+    num_peers = _first(kw.get("num_peers"), _env("NUM_PEERS"), os.environ.get("WORLD_SIZE"))
+    linger = _first(kw.get("linger"), _env("LINGER"))
+    ckpt_dir = _first(kw.get("checkpoint_dir"), _env("CHECKPOINT_DIR"))
+    ckpt = dataclasses.replace(
+        CheckpointConfig(),
+        directory=ckpt_dir,
+        every_steps=int(_first(kw.get("checkpoint_every"), CheckpointConfig.every_steps)),
+        every_seconds=float(_first(kw.get("checkpoint_seconds"), CheckpointConfig.every_seconds)),
+    )
+    gossip = base.gossip
+    period = _first(kw.get("period"), _env("PERIOD"))
+    if period is not None:
+        gossip = dataclasses.replace(gossip, period_steps=int(period))
+    quiet = _first(kw.get("linger_quiet"), _env("LINGER_QUIET"))
+    if quiet is not None:
+        gossip = dataclasses.replace(gossip, linger_quiet=float(quiet))
+    allow = _first(kw.get("allow_control"), _env("ALLOW_CONTROL") == "1" or None, False)
+    return dataclasses.replace(
+        base,
+        name=_first(kw.get("name"), _env("NAME"), ""),
+        listen=_first(kw.get("listen"), _env("LISTEN"), base.listen),
+        advertise=_first(kw.get("advertise"), _env("ADVERTISE")),
+        join=tuple(join or ()),
+        join_timeout=float(_first(kw.get("join_timeout"), base.join_timeout)),
+        cluster=_first(kw.get("cluster"), _env("CLUSTER"), base.cluster),
+        index=int(_first(index, 0)),
+        num_peers=int(_first(num_peers, 1)),
+        run_dir=_first(kw.get("run_dir"), _env("RUN_DIR"), base.run_dir),
+        profile=_first(kw.get("profile"), _env("PROFILE"), base.profile),
+        linger_seconds=float(_first(linger, 2.0)),
+        allow_control=bool(allow),
+        checkpoint=ckpt,
+        gossip=gossip,
+    )
+
+
+class GossipOptimizer:
+    """Wraps the user's optimizer: ``step()`` updates under the weights lock and gossips.
+
+    Build it after the model is on its device. ``state`` is a dict of plain values (ints,
+    floats, strings, lists, dicts, tensors) saved in every checkpoint and restored on
+    resume; ``resumed_step`` says at which step (0: a fresh start). ``scheduler`` (an LR
+    scheduler of the inner optimizer) is checkpointed too; keep stepping it yourself.
+    ``evaluate(model) -> dict`` is called on the final weights (after lingering) and its
+    metrics go into this peer's record, with whatever ``report()`` added.
+    Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
+    ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
+    ``checkpoint_every``, ``checkpoint_seconds``, ``period``, ``linger``, ``linger_quiet``,
+    ``cluster``, ``profile``, ``join_timeout``, ``allow_control``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        *,
+        scheduler: Any = None,
+        state: dict[str, Any] | None = None,
+        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        start_timeout: float = 120.0,
+        **settings: Any,
+    ) -> None:
+        from .config import ConfigError
+
+        known = {
+            "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
+            "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "period", "linger",
+            "linger_quiet", "cluster", "profile", "join_timeout", "allow_control",
+        }  # fmt: skip
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"GossipOptimizer: unknown setting(s) {', '.join(unknown)}")
+        if not callable(getattr(optimizer, "step", None)):
+            raise TypeError(f"GossipOptimizer wraps an optimizer, got {type(optimizer).__name__}")
+        threads = _env("THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.config = own_loop_config(settings)
+        self.optimizer = optimizer
+        self.loop = OwnLoop(
+            model,
+            optimizer,
+            scheduler,
+            self.config.index,
+            self.config.num_peers,
+            state if state is not None else {},
+            evaluate,
+        )
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._agent, name="gossip-agent", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.loop.started.wait(0.05):
+            if not self._thread.is_alive():
+                self._raise_agent_error()
+            if time.monotonic() > deadline:
+                raise GossipError(f"the gossip peer did not start within {start_timeout:.0f} s")
+        self.resumed_step = self.loop.step
+        self.state = self.loop.user_state
+
+    # -- the agent thread ----------------------------------------------------------------------
+    def _agent(self) -> None:
+        from p2p.framing import Limits
+        from p2p.transport import TcpTransport
+
+        from .cli import run_async
+        from .peer import Peer, jsonl_reporter
+
+        fd = _env("EVENTS_FD")
+        report = None
+        if fd is not None:
+            report = _best_effort(jsonl_reporter(os.fdopen(int(fd), "w", buffering=1)))
+        limits = Limits(max_payload=max(64 << 20, 2 * self.loop.weights.nbytes))
+        peer = Peer(self.config, self.loop, TcpTransport(limits), report)
+        self.peer = peer
+        try:
+            self._result = run_async(peer.run())
+        except BaseException as exc:  # noqa: BLE001 - handed to the user's thread
+            self._error = exc
+            self.loop.started.set()  # nobody waits forever on a peer that never started
+
+    def _raise_agent_error(self) -> None:
+        exc = self._error
+        if exc is None:
+            raise GossipError("the gossip peer stopped")
+        raise GossipError(f"gossip peer failed: {exc}") from exc
+
+    # -- what the user's loop calls --------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._error is not None:
+            self._raise_agent_error()
+        if self._closed:
+            raise GossipError("step() after close()")
+        return self.loop.user_step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken, counting those before a resume."""
+        return self.loop.step
+
+    def report(self, **metrics: float) -> None:
+        """Add metrics to this peer's record (summary.json); ``loss`` also shows live."""
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.loop.last_metrics.update(clean)
+        if "loss" in clean and math.isfinite(clean["loss"]):
+            self.loop.loss = clean["loss"]
+        if "samples" in clean:
+            self.loop.samples = int(clean["samples"])
+
+    def close(self, timeout: float | None = None) -> dict[str, Any]:
+        """End the loop: linger, save the final model, leave; return this peer's result."""
+        if not self._closed:
+            self._closed = True
+            self.loop.stop.set()
+            limit = timeout or self.config.gossip.linger_max + 60.0
+            self._thread.join(limit)
+            if self._thread.is_alive():
+                raise GossipError(f"the gossip peer did not finish within {limit:.0f} s")
+        if self._error is not None:
+            self._raise_agent_error()
+        assert self._result is not None
+        return self._result
+
+    def __enter__(self) -> GossipOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _best_effort(report: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """A reporter whose broken channel is noted once and never raised into the peer."""
+    broken = False
+
+    def send(event: dict[str, Any]) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            report(event)
+        except (OSError, ValueError) as exc:
+            broken = True
+            log.warning("event channel closed (%s); events are no longer reported", exc)
+
+    return send

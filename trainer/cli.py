@@ -88,8 +88,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--eval-every",
         type=int,
         metavar="STEPS",
-        help="evaluate the task's metrics every STEPS steps as 'eval' events "
-        "(default: at the end)",
+        help="evaluate the task's metrics every STEPS steps as 'eval' events (default: at the end)",
     )
 
 
@@ -195,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
     add_net_args(p)
+    add_checkpoint_args(p)
     chaos.add_local_args(p)
     p.add_argument("script", metavar="SCRIPT", help="the training script (a .py file)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")

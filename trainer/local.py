@@ -162,11 +162,19 @@ def script_env(
         if args.restart_failed
         else "",
         "PERIOD": str(args.period) if getattr(args, "period", None) else "",
+        "CHECKPOINT_EVERY": _flag(args, "checkpoint_every"),
+        "CHECKPOINT_SECONDS": _flag(args, "checkpoint_seconds"),
+        "CHECKPOINT_KEEP": _flag(args, "checkpoint_keep"),
         "CLUSTER": args.cluster or "",
         "PROFILE": args.profile or "",
     }
     env.update({ENV_PREFIX + k: v for k, v in ours.items()})
     return env
+
+
+def _flag(args: argparse.Namespace, name: str) -> str:
+    value = getattr(args, name, None)
+    return "" if value is None else str(value)
 
 
 class LocalRun:

@@ -134,11 +134,17 @@ def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
     num_peers = _first(kw.get("num_peers"), _env("NUM_PEERS"), os.environ.get("WORLD_SIZE"))
     linger = _first(kw.get("linger"), _env("LINGER"))
     ckpt_dir = _first(kw.get("checkpoint_dir"), _env("CHECKPOINT_DIR"))
+    defaults = CheckpointConfig()
     ckpt = dataclasses.replace(
-        CheckpointConfig(),
+        defaults,
         directory=ckpt_dir,
-        every_steps=int(_first(kw.get("checkpoint_every"), CheckpointConfig.every_steps)),
-        every_seconds=float(_first(kw.get("checkpoint_seconds"), CheckpointConfig.every_seconds)),
+        every_steps=int(
+            _first(kw.get("checkpoint_every"), _env("CHECKPOINT_EVERY"), defaults.every_steps)
+        ),
+        every_seconds=float(
+            _first(kw.get("checkpoint_seconds"), _env("CHECKPOINT_SECONDS"), defaults.every_seconds)
+        ),
+        keep=int(_first(kw.get("checkpoint_keep"), _env("CHECKPOINT_KEEP"), defaults.keep)),
     )
     gossip = base.gossip
     period = _first(kw.get("period"), _env("PERIOD"))
@@ -178,8 +184,9 @@ class GossipOptimizer:
     metrics go into this peer's record, with whatever ``report()`` added.
     Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
-    ``checkpoint_every``, ``checkpoint_seconds``, ``period``, ``linger``, ``linger_quiet``,
-    ``cluster``, ``profile``, ``join_timeout``, ``allow_control``.
+    ``checkpoint_every``, ``checkpoint_seconds``, ``checkpoint_keep``, ``period``,
+    ``linger``, ``linger_quiet``, ``cluster``, ``profile``, ``join_timeout``,
+    ``allow_control``.
     """
 
     def __init__(
@@ -197,7 +204,8 @@ class GossipOptimizer:
 
         known = {
             "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
-            "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "period", "linger",
+            "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "checkpoint_keep",
+            "period", "linger",
             "linger_quiet", "cluster", "profile", "join_timeout", "allow_control",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -399,7 +400,7 @@ class Peer:
             "progress",
             step=t.step,
             total=t.total_steps,
-            loss=round(t.loss, 4),
+            loss=round(t.loss, 4) if math.isfinite(t.loss) else None,
             exchanges=self.exchanger.exchanges,
             bytes_sent=self.transport.stats.sent,
             bytes_received=self.transport.stats.received,

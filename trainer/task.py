@@ -144,7 +144,7 @@ class Task:
         out = default_loss(model, batch) if fn is None else fn(model, batch)
         if not isinstance(out, torch.Tensor) or out.numel() != 1:
             raise TaskError(f"task {self.source}: loss() did not return a scalar tensor")
-        return float(out)
+        return out.item()
 
     def metrics(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         fn = self._fn("metrics")
@@ -221,12 +221,12 @@ def default_metrics(model: nn.Module, batches: Iterable[Any], task: Task | None)
     for batch in batches:
         if task is not None:
             n = batch_size_of(batch)
-            loss_sum += float(task.loss_value(model, batch)) * n
+            loss_sum += task.loss_value(model, batch) * n
             total += n
             continue
         x, y = _xy(batch, "metrics")
         out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
         correct += int((out.argmax(dim=1) == y).sum())
         total += len(y)
     if total == 0:

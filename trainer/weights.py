@@ -64,6 +64,7 @@ class FlatWeights:
                 offset += n
         self.tensors = [t for _, t in named]
         self.params = [t for t in self.tensors if isinstance(t, torch.nn.Parameter)]
+        self._model = model
         self._ptrs = [t.data_ptr() for t in self.tensors]
         self.schema = schema_hash((n, tuple(t.shape), str(t.dtype)) for n, t in named)
         self.nbytes = self.flat.numel() * 4
@@ -77,8 +78,11 @@ class FlatWeights:
 
     def check_bound(self) -> None:
         """Raise ModelError if a tensor no longer lives in the flat vector (it was replaced)."""
-        for name, t, ptr in zip(self.names, self.tensors, self._ptrs, strict=True):
-            if t.data_ptr() != ptr:
+        now = dict(self._model.named_parameters())
+        now.update(self._model.named_buffers())
+        for name, ptr in zip(self.names, self._ptrs, strict=True):
+            t = now.get(name)
+            if t is None or t.data_ptr() != ptr:
                 raise ModelError(
                     f"{name} was replaced after gossip took the model (model.to(), .cuda() or "
                     "an assignment); move the model before building the trainer"

@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -28,6 +29,28 @@ def schema_hash(entries: Iterable[SchemaEntry]) -> str:
     """A short stable hash of (name, shape, dtype) for every tensor, in order."""
     canon = [[name, list(shape), dtype] for name, shape, dtype in entries]
     return hashlib.sha256(msgpack.packb(canon)).hexdigest()[:16]
+
+
+# A pull request carries its model's layout (name, shape, dtype per tensor), so a refusal
+# can name the first tensor that differs; larger models send only the hash.
+MAX_LAYOUT = 4096
+
+
+def layout_diff(ours: list, theirs: Any) -> str:
+    """The first difference between two layouts ([name, shape, dtype] lists), in words."""
+    if not isinstance(theirs, list):
+        return "their model's layout is not known"
+    for i, (mine, other) in enumerate(zip(ours, theirs, strict=False)):
+        if not (isinstance(other, (list, tuple)) and len(other) == 3):
+            return f"tensor {i} of theirs is malformed"
+        if list(mine) != [other[0], list(other[1]), other[2]]:
+            return (
+                f"tensor {i}: ours is {mine[0]} {list(mine[1])} {mine[2]}, "
+                f"yours is {other[0]} {list(other[1])} {other[2]}"
+            )
+    if len(ours) != len(theirs):
+        return f"we average {len(ours)} tensors, you {len(theirs)}"
+    return "the layouts agree but the hashes differ"
 
 
 class UpdateRejected(ValueError):

@@ -41,7 +41,7 @@ from p2p.framing import Frame, MsgType
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
-from .averaging import DeltaStream, UpdateGuard, UpdateRejected
+from .averaging import MAX_LAYOUT, DeltaStream, UpdateGuard, UpdateRejected, layout_diff
 
 log = logging.getLogger(__name__)
 
@@ -438,9 +438,13 @@ class Exchanger:
     async def _on_pull(self, conn: Connection, frame: Frame) -> None:
         """Send our current weights to a peer that is catching up (it does not send its own)."""
         if frame.header.get("schema") != self.store.schema:
+            ours = getattr(self.store, "layout", None)
+            detail = ""
+            if ours is not None and "layout" in frame.header:
+                detail = f" ({layout_diff(ours, frame.header['layout'])})"
             reason = (
                 f"model schema {frame.header.get('schema')!r} does not match ours "
-                f"{self.store.schema!r}: run every peer with the same task and model"
+                f"{self.store.schema!r}{detail}: run every peer with the same task and model"
             )
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
@@ -456,7 +460,11 @@ class Exchanger:
         async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
             conn = await self.node.open(addr)
             try:
-                await conn.send(MsgType.PULL_REQ, {"schema": self.store.schema})
+                request: dict[str, Any] = {"schema": self.store.schema}
+                layout = getattr(self.store, "layout", None)
+                if layout is not None and len(layout) <= MAX_LAYOUT:
+                    request["layout"] = layout
+                await conn.send(MsgType.PULL_REQ, request)
                 reply = await conn.recv()
             finally:
                 conn.close()

@@ -44,7 +44,7 @@ def test_local_peers_train_and_agree(tmp_path):
     assert (run_dir / "consensus.pt").is_file() and (run_dir / "consensus.json").is_file()
     kinds = {e["kind"] for e in summary["events"]}
     assert {"spawned", "listening", "started", "finished", "joined"} <= kinds
-    assert "consensus model: test accuracy" in proc.stdout
+    assert "consensus model: accuracy" in proc.stdout
     # The consensus model evaluates through the CLI to the same number.
     ev = subprocess.run(
         cli("eval", str(run_dir / "consensus.pt")),
@@ -105,7 +105,10 @@ def test_a_peer_with_another_model_is_refused_clearly(tmp_path):
         )
         assert second.returncode == 2, second.stderr
         assert "Traceback" not in second.stderr
-        assert "does not match ours" in second.stderr and "--model" in second.stderr
+        assert "does not match ours" in second.stderr
+        # It names the first tensor that differs: the MLP's first Linear, the CNN's conv.
+        assert "ours is 1.weight [128, 784]" in second.stderr, second.stderr
+        assert "yours is 0.weight [16, 1, 3, 3]" in second.stderr
         assert first.poll() is None, "the first peer must survive"
     finally:
         first.kill()

@@ -160,6 +160,13 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restart-delay", type=float, default=1.0, help="seconds before a restart (default 1)"
     )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="with --restart-failed, give up on a peer after N restarts (default 10)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

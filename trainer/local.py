@@ -384,6 +384,14 @@ class LocalRun:
             # Exit status 2 is a user error (bad flags, data): restarting cannot fix it.
             elif not self.args.restart_failed or rc == 2 or self.stopping:
                 return
+            elif child.restarts >= getattr(self.args, "max_restarts", 10):
+                self.note(child, "gave_up", restarts=child.restarts)
+                print(
+                    f"gossip-train: {child.name} failed {child.restarts + 1} times; "
+                    "not restarting it again (--max-restarts)",
+                    file=sys.stderr,
+                )
+                return
             else:
                 await asyncio.sleep(self.args.restart_delay)
             if self.stopping:

@@ -63,6 +63,7 @@ class OwnLoop(TrainerBase):
         self.stop = threading.Event()  # set by close(): the user's loop is over
         self.started = threading.Event()  # set when the peer hands us on_step
         self._on_step: Callable[[StepInfo], None] | None = None
+        self._t_last: float | None = None
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "task": "own-loop", "schema": self.weights.schema}
@@ -98,18 +99,23 @@ class OwnLoop(TrainerBase):
             self.stop.wait(0.1)
 
     def user_step(self, closure: Callable[[], Any] | None) -> Any:
+        # A checkpoint is taken before this update, not after it: it then holds the state
+        # after the previous step *and* what the loop did after that step (a scheduler step,
+        # counters in ``state``), and a resume redoes this step from its batch.
+        if self.checkpoint_due():
+            self.checkpoint_now()
         with self.weights.lock:  # only the update, as in our own loop
             out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         t = time.perf_counter()
-        if self.step:
+        if self._t_last is not None:  # a whole step of the user's loop, update to update
             dt = t - self._t_last
-            self.step_seconds = dt if self.step == 1 else 0.98 * self.step_seconds + 0.02 * dt
+            self.step_seconds = (
+                dt if not self.step_seconds else 0.98 * self.step_seconds + 0.02 * dt
+            )
         self._t_last = t
         self.step += 1
         if self.step % BOUND_CHECK_EVERY == 0:
             self.weights.check_bound()
-        if self.checkpoint_due():
-            self.checkpoint_now()
         if self._on_step is not None:
             self._on_step(StepInfo(self.step, self.loss, None, None, self.samples))
         return out

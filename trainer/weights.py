@@ -66,7 +66,9 @@ class FlatWeights:
         self.params = [t for t in self.tensors if isinstance(t, torch.nn.Parameter)]
         self._model = model
         self._ptrs = [t.data_ptr() for t in self.tensors]
-        self.schema = schema_hash((n, tuple(t.shape), str(t.dtype)) for n, t in named)
+        # [name, shape, dtype] per tensor: what a refusal names the first difference of.
+        self.layout = [[n, list(t.shape), str(t.dtype)] for n, t in named]
+        self.schema = schema_hash(self.layout)
         self.nbytes = self.flat.numel() * 4
         self.lock = threading.Lock()
         self._mirror: _DeviceMirror | None = None

@@ -249,7 +249,7 @@ def test_local_restarts_a_killed_peer_which_catches_up_and_ends_with_the_others(
         cli("eval", str(newest)), cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert ev.returncode == 0, ev.stderr
-    assert f"test accuracy {restarted['test_accuracy']:.4f}" in ev.stdout
+    assert f"accuracy {restarted['test_accuracy']:.4f}" in ev.stdout
 
 
 # ---------------------------------------------------------------- newcomer, rejoin

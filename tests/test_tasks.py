@@ -215,8 +215,10 @@ def test_resume_continues_exactly_with_momentum_scheduler_and_batchnorm(tmp_path
     _train(task, 40, tmp_path / "ckpt", stop_at=17)
     resumed = _train(task, 40, tmp_path / "ckpt")
     assert resumed.resumed_from is not None and resumed.step == 40
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name  # weights, BatchNorm statistics and its counter
+    after = resumed.model.state_dict()
+    assert list(after) == list(whole.model.state_dict())
+    for name, a in whole.model.state_dict().items():
+        assert torch.equal(a, after[name]), name  # weights, BatchNorm statistics and its counter
 
 
 def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
@@ -224,6 +226,7 @@ def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
     _train(task, 5, tmp_path / "ckpt")
     files = sorted((tmp_path / "ckpt").iterdir())
     other = Trainer(TrainConfig(steps=5), 0, 2)  # the built-in classifier
-    with pytest.raises(Exception, match="was written for task 'task', this peer runs task 'classifier'"):
+    refused = "was written for task 'task', this peer runs task 'classifier'"
+    with pytest.raises(Exception, match=refused):
         other.enable_checkpoints(CheckpointConfig(str(tmp_path / "ckpt")))
     assert sorted((tmp_path / "ckpt").iterdir()) == files  # nothing renamed or overwritten

@@ -268,7 +268,7 @@ class BatchIterator(Batches):
             raise ValueError("BatchIterator needs a non-empty 1-D index array")
         if int(idx.min()) < 0 or int(idx.max()) >= len(x) or len(x) != len(y):
             raise ValueError(f"BatchIterator indices must lie in [0, {len(x)}) for x and y alike")
-        super().__init__(Subset(TensorDataset(x, y), idx), batch_size, seed, peer_index)
+        super().__init__(Subset(TensorDataset(x, y), idx.tolist()), batch_size, seed, peer_index)
 
 
 def eval_batches(dataset: Any, batch_size: int, collate: Callable[[list[Any]], Any] | None = None):

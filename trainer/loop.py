@@ -199,7 +199,6 @@ class TrainerBase:
             return
         t0 = time.perf_counter()
         with self.weights.lock:
-            self.weights.refresh_host()  # a GPU model: the state is read on the device below
             model, optim = snapshot_model_optimizer(self.model, self.optimizer)
             sched = _clone_tree(self.scheduler.state_dict()) if self.scheduler else None
             extra = _clone_tree(self.extra_state())

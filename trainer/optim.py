@@ -19,6 +19,7 @@ so checkpoints of either load into the other (tests/test_optim.py checks both).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from .weights import FlatWeights
 
 
-def flat_view(params: list[torch.Tensor]) -> torch.Tensor:
+def flat_view(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """The one tensor ``params`` are consecutive views of (as ``FlatWeights`` lays them out).
 
     ValueError if they are not laid out that way: FlatAdam then cannot work on them.
@@ -55,7 +56,7 @@ def flat_view(params: list[torch.Tensor]) -> torch.Tensor:
 class FlatAdam:
     def __init__(
         self,
-        params: FlatWeights | list[torch.Tensor],
+        params: FlatWeights | Sequence[torch.Tensor],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

@@ -181,6 +181,7 @@ def split(
     """
     from torch.utils.data import Subset
 
+    found: np.ndarray | None
     if parse_scheme(scheme).kind == "iid":
         found = np.zeros(len(dataset), dtype=np.int64)
     else:

@@ -68,7 +68,7 @@ class FlatWeights:
         self._ptrs = [t.data_ptr() for t in self.tensors]
         # [name, shape, dtype] per tensor: what a refusal names the first difference of.
         self.layout = [[n, list(t.shape), str(t.dtype)] for n, t in named]
-        self.schema = schema_hash(self.layout)
+        self.schema = schema_hash((n, tuple(t.shape), str(t.dtype)) for n, t in named)
         self.nbytes = self.flat.numel() * 4
         self.lock = threading.Lock()
         self._mirror: _DeviceMirror | None = None
@@ -80,7 +80,7 @@ class FlatWeights:
 
     def check_bound(self) -> None:
         """Raise ModelError if a tensor no longer lives in the flat vector (it was replaced)."""
-        now = dict(self._model.named_parameters())
+        now: dict[str, torch.Tensor] = dict(self._model.named_parameters())
         now.update(self._model.named_buffers())
         for name, ptr in zip(self.names, self._ptrs, strict=True):
             t = now.get(name)

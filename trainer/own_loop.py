@@ -79,7 +79,8 @@ class OwnLoop(TrainerBase):
     def evaluate(self, locked: bool = False) -> dict[str, float]:
         """What ``report()`` said, and the user's ``evaluate(model)`` of the weights now."""
         if self._evaluate_fn is not None:
-            with self.weights.lock if locked else contextlib.nullcontext():
+            lock = self.weights.lock if locked else contextlib.nullcontext()
+            with lock, torch.no_grad():
                 found = self._evaluate_fn(self.model)
             if not isinstance(found, dict):
                 raise TypeError(f"evaluate() returned {type(found).__name__}, not a dict")
@@ -186,7 +187,8 @@ class GossipOptimizer:
     floats, strings, lists, dicts, tensors) saved in every checkpoint and restored on
     resume; ``resumed_step`` says at which step (0: a fresh start). ``scheduler`` (an LR
     scheduler of the inner optimizer) is checkpointed too; keep stepping it yourself.
-    ``evaluate(model) -> dict`` is called on the final weights (after lingering) and its
+    ``evaluate(model) -> dict`` is called on the final weights (after lingering, under
+    ``torch.no_grad()``) and its
     metrics go into this peer's record, with whatever ``report()`` added.
     Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
@@ -244,6 +246,8 @@ class GossipOptimizer:
                 self._raise_agent_error()
             if time.monotonic() > deadline:
                 raise GossipError(f"the gossip peer did not start within {start_timeout:.0f} s")
+        if self._error is not None:
+            self._raise_agent_error()
         self.resumed_step = self.loop.step
         self.state = self.loop.user_state
 

@@ -1,0 +1,79 @@
+"""GossipOptimizer in one process: two own loops on threads, gossiping over real TCP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from trainer import GossipError, GossipOptimizer
+from trainer.config import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loop(opt: GossipOptimizer, model: nn.Module, target: torch.Tensor, steps: int) -> None:
+    gen = torch.Generator().manual_seed(int(target.sum()))
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=gen)
+        loss = ((model(x) - x @ target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    opt.report(loss=loss.item())
+
+
+def test_two_own_loops_average_and_report(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    models = [nn.Linear(4, 2), nn.Linear(4, 2)]
+    models[1].load_state_dict(models[0].state_dict())
+    # Each peer fits its own linear map; averaging pulls both towards the mean map.
+    targets = [torch.ones(4, 2), -torch.ones(4, 2)]
+    first = GossipOptimizer(
+        models[0], torch.optim.SGD(models[0].parameters(), lr=0.05), index=0, num_peers=2,
+        run_dir=str(tmp_path / "a"), period=5, linger=0.5, state={"n": 1},
+        evaluate=lambda m: {"norm": float(m.weight.norm())},
+    )  # fmt: skip
+    second = GossipOptimizer(
+        models[1], torch.optim.SGD(models[1].parameters(), lr=0.05), index=1, num_peers=2,
+        run_dir=str(tmp_path / "b"), period=5, linger=0.5, join=[first.peer.node.addr],
+    )  # fmt: skip
+    assert first.resumed_step == 0 and first.state == {"n": 1}
+    threads = [
+        threading.Thread(target=_loop, args=(opt, m, t, 300))
+        for opt, m, t in zip((first, second), models, targets, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    results = [first.close(), second.close()]
+    for r in results:
+        assert r["status"] == "finished" and r["steps"] == 300 and r["exchanges"] > 0, r
+    assert list(results[0]["metrics"]) == ["norm", "loss"]  # evaluate() first: the headline
+    # Alone each would fit its own map (weights near +1 / -1); together they meet near 0.
+    assert models[0].weight.abs().mean() < 0.5 and models[1].weight.abs().mean() < 0.5
+    assert torch.allclose(models[0].weight, models[1].weight, atol=0.05)
+    saved = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    assert set(saved) == {"weight", "bias"}
+    with pytest.raises(GossipError, match="after close"):
+        first.step()
+
+
+def test_gossip_failures_and_bad_settings_raise_clearly(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(GossipError, match=f"127.0.0.1:{(port := _free_port())}"):
+        GossipOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1),
+            join=[f"127.0.0.1:{port}"], join_timeout=1.0, run_dir=str(tmp_path),
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown setting.*listn"):
+        GossipOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), listn="x")

@@ -59,7 +59,7 @@ def flags(args: argparse.Namespace) -> list[str]:
 
 
 def peer_rows(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
-    acc = {p["name"]: p for p in run["report"]["accuracy"]["peers"]}
+    acc = {p["name"]: p for p in run["report"]["quality"]["peers"]}
     base_acc = {p["name"]: p["test_accuracy"] for p in base["peers"]}
     rows = []
     for p in run["summary"]["peers"]:
@@ -72,8 +72,8 @@ def peer_rows(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]
                 "restarts": p["restarts"],
                 "accuracy": p["test_accuracy"],
                 "baseline": b,
-                "delta_vs_baseline_pp": a["delta_pp"],
-                "behind_unrestarted_pp": a["behind_unrestarted_pp"],
+                "delta_vs_baseline_pp": a["delta"],
+                "behind_unrestarted_pp": a["behind_unrestarted"],
             }
         )
     return rows

@@ -182,13 +182,16 @@ def test_loader_workers_give_the_same_batches_and_resume_exactly() -> None:
 
 
 # -- checkpoints: the same run, interrupted or not -------------------------------------------
-SCHEDULED = TOY + """
+SCHEDULED = (
+    TOY
+    + """
 def optimizer(params, lr=0.1):
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 def scheduler(optimizer, steps=1):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 """
+)
 
 
 def _train(task: str, steps: int, ckpt: Path | None, stop_at: int | None = None) -> Trainer:
@@ -230,3 +233,26 @@ def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=refused):
         other.enable_checkpoints(CheckpointConfig(str(tmp_path / "ckpt")))
     assert sorted((tmp_path / "ckpt").iterdir()) == files  # nothing renamed or overwritten
+
+
+# -- the robustness report reads the task's headline metric ---------------------------------
+def test_report_compares_a_loss_headline_the_right_way_round() -> None:
+    from trainer.report import quality
+
+    def peer(name: str, loss: float, restarts: int = 0) -> dict:
+        return {"name": name, "status": "finished", "restarts": restarts,
+                "metrics": {"val_loss": loss, "other": 1.0}}  # fmt: skip
+
+    run = {"peers": [peer("a", 2.0), peer("b", 2.2), peer("c", 2.5, restarts=1)],
+           "consensus_metrics": {"val_loss": 2.1}}  # fmt: skip
+    base = {"peers": [peer("a", 1.9), peer("b", 2.0), peer("c", 2.0)],
+            "consensus_metrics": {"val_loss": 1.95}}  # fmt: skip
+    q = quality(run, base)
+    assert q["metric"] == "val_loss" and q["unit"] == ""
+    by = {p["name"]: p for p in q["peers"]}
+    assert by["a"]["delta"] == pytest.approx(0.1) and by["a"]["behind_unrestarted"] is None
+    # c ends 0.4 above the mean loss of the unrestarted peers (2.1): 0.4 worse.
+    assert by["c"]["behind_unrestarted"] == pytest.approx(0.4)
+    assert q["consensus_delta"] == pytest.approx(0.15)
+    acc = quality({"peers": [{"name": "a", "test_accuracy": 0.9, "restarts": 1}]}, None)
+    assert acc["metric"] == "accuracy" and acc["unit"] == "pp"

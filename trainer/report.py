@@ -281,43 +281,86 @@ def _fault_row(
 # -- accuracy and invariants --------------------------------------------------------------------
 
 
-def accuracy(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
-    base = {p["name"]: p.get("test_accuracy") for p in (baseline or {}).get("peers", [])}
+def lower_is_better(metric: str) -> bool:
+    """Loss-like metrics (a name with loss, error or perplexity) improve downwards."""
+    name = metric.lower()
+    return any(word in name for word in ("loss", "error", "perplexity", "ppl"))
+
+
+def headline_metric(summary: dict[str, Any]) -> str:
+    """The run's headline metric: the first its peers' task reports (accuracy if none)."""
+    for p in summary.get("peers", []):
+        if p.get("metrics"):
+            return str(next(iter(p["metrics"])))
+    return "accuracy"
+
+
+def _value(record: dict[str, Any], metric: str, legacy: str) -> float | None:
+    found = (record.get("metrics") or {}).get(metric)
+    if found is None and metric == "accuracy":
+        found = record.get(legacy)
+    return found
+
+
+def quality(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Each peer's headline metric against the no-fault baseline's, and the consensus's.
+
+    Differences are in percentage points for accuracy, in the metric's own units otherwise;
+    ``behind_unrestarted`` is how much worse a restarted peer ends than the mean of the
+    peers never restarted (positive: worse), whichever way the metric improves.
+    """
+    metric = headline_metric(summary)
+    scale = 100.0 if metric == "accuracy" else 1.0
+    worse = 1.0 if lower_is_better(metric) else -1.0
+    base = {
+        p["name"]: _value(p, metric, "test_accuracy") for p in (baseline or {}).get("peers", [])
+    }
     steady = [
-        p["test_accuracy"]
+        v
         for p in summary["peers"]
-        if p.get("status") == "finished" and not p.get("restarts") and p.get("test_accuracy")
+        if p.get("status") == "finished" and not p.get("restarts")
+        if (v := _value(p, metric, "test_accuracy")) is not None
     ]
     steady_mean = sum(steady) / len(steady) if steady else None
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(scale * (a - b), 4)
+
     peers = []
     for p in summary["peers"]:
-        acc = p.get("test_accuracy")
-        b = base.get(p["name"])
+        value = _value(p, metric, "test_accuracy")
+        behind = diff(value, steady_mean) if p.get("restarts") else None
         peers.append(
             {
                 "name": p["name"],
                 "status": p.get("status"),
                 "restarts": p.get("restarts", 0),
-                "accuracy": acc,
-                "baseline": b,
-                "delta_pp": _pp(acc, b),
-                "behind_unrestarted_pp": _pp(steady_mean, acc) if p.get("restarts") else None,
+                "value": value,
+                "baseline": base.get(p["name"]),
+                "delta": diff(value, base.get(p["name"])),
+                "behind_unrestarted": None if behind is None else round(worse * behind, 4),
             }
         )
-    cons, base_cons = (
-        summary.get("consensus_test_accuracy"),
-        (baseline or {}).get("consensus_test_accuracy"),
+    cons = _value(
+        {"metrics": summary.get("consensus_metrics"), **summary}, metric, "consensus_test_accuracy"
+    )
+    base_cons = (
+        _value(
+            {"metrics": baseline.get("consensus_metrics"), **baseline},
+            metric,
+            "consensus_test_accuracy",
+        )
+        if baseline
+        else None
     )
     return {
+        "metric": metric,
+        "unit": "pp" if metric == "accuracy" else "",
         "peers": peers,
         "consensus": cons,
         "baseline_consensus": base_cons,
-        "consensus_delta_pp": _pp(cons, base_cons),
+        "consensus_delta": diff(cons, base_cons),
     }
-
-
-def _pp(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else round(100.0 * (a - b), 3)
 
 
 def invariants(run_dir: Path, summary: dict[str, Any], epsilon: float) -> dict[str, Any]:
@@ -405,7 +448,7 @@ def build_report(
         "network": summary.get("network"),
         "chaos": summary.get("chaos"),
         "faults": analyse_faults(events, _load(run_dir / "progress.jsonl"), names),
-        "accuracy": accuracy(summary, base),
+        "quality": quality(summary, base),
         "invariants": inv,
         "invariants_ok": all(v["ok"] for v in inv.values()),
     }
@@ -457,24 +500,26 @@ def render(report: dict[str, Any]) -> str:
             + " | ".join(_fmt(c) for c in cells)
             + f" | {_fmt(s.get('longest_gap_s'))} | {_fmt(s.get('rate_ratio'))} |"
         )
-    acc = report["accuracy"]
+    q = report["quality"]
+    metric, unit = q["metric"], f" ({q['unit']})" if q["unit"] else ""
     lines += [
         "",
-        "## Accuracy against the baseline",
+        f"## {metric} against the baseline",
         "",
-        "| peer | status | restarts | accuracy | baseline | delta (pp) | behind unrestarted (pp) |",
+        f"| peer | status | restarts | {metric} | baseline | delta{unit} "
+        f"| behind unrestarted{unit} |",
         "|---|---|---|---|---|---|---|",
     ]
-    for p in acc["peers"]:
+    for p in q["peers"]:
         lines.append(
-            f"| {p['name']} | {p['status']} | {p['restarts']} | {_fmt4(p['accuracy'])} | "
-            f"{_fmt4(p['baseline'])} | {_fmt(p['delta_pp'])} | "
-            f"{_fmt(p['behind_unrestarted_pp'])} |"
+            f"| {p['name']} | {p['status']} | {p['restarts']} | {_fmt4(p['value'])} | "
+            f"{_fmt4(p['baseline'])} | {_fmt(p['delta'])} | "
+            f"{_fmt(p['behind_unrestarted'])} |"
         )
     lines += [
         "",
-        f"Consensus model: {_fmt4(acc['consensus'])} (baseline {_fmt4(acc['baseline_consensus'])}, "
-        f"delta {_fmt(acc['consensus_delta_pp'])} pp).",
+        f"Consensus model: {_fmt4(q['consensus'])} (baseline {_fmt4(q['baseline_consensus'])}, "
+        f"delta {_fmt(q['consensus_delta'])}{q['unit'] and ' ' + q['unit']}).",
         "",
         "## Invariants",
         "",

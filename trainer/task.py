@@ -289,17 +289,3 @@ def _import_file(path: Path) -> ModuleType:
         del sys.modules[mod_name]
         raise TaskError(f"task {path}: import failed: {type(exc).__name__}: {exc}") from exc
     return module
-
-
-def headline(metrics: Mapping[str, float] | None) -> tuple[str, float] | None:
-    """The task's headline metric (the first key of ``metrics``) and its value."""
-    if not metrics:
-        return None
-    key = next(iter(metrics))
-    return key, metrics[key]
-
-
-def lower_is_better(metric: str) -> bool:
-    """Loss-like metrics (a name with loss, error or perplexity) improve downwards."""
-    name = metric.lower()
-    return any(word in name for word in ("loss", "error", "perplexity", "ppl"))

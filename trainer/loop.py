@@ -94,7 +94,10 @@ def load_task_for(cfg: TrainConfig) -> Task:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TaskError(f"--device {name}: not a device (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TaskError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -266,11 +269,12 @@ class Trainer(TrainerBase):
 
     def identity(self) -> dict[str, Any]:
         c, ctx = self.cfg, self.task.context
+        classifier = self.task.name == "classifier"  # the one task that reads these two
         return {
             "task": self.task.name,
             "task_source": self.task.source,
-            "model": c.model,
-            "dataset": c.dataset,
+            "model": c.model if classifier else None,
+            "dataset": c.dataset if classifier else None,
             "partition": c.partition,
             "seed": c.seed,
             "peer_index": self.peer_index,

@@ -348,7 +348,7 @@ def validate(cfg: Any) -> None:
     ):
         if value is not None and not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    if t.clip_grad < 0 or t.loader_workers < 0:
+    if (t.clip_grad or 0) < 0 or t.loader_workers < 0:
         raise UserError("--clip-grad and --loader-workers must not be negative")
     if cfg.gossip.period_steps < 1:
         raise UserError("--period must be at least 1")

@@ -34,8 +34,9 @@ class TrainConfig:
     # Learning rate handed to the task's optimizer(lr=...); None: the task's own default
     # (1e-3 for the default Adam).
     lr: float | None = None
-    # Clip the gradient's global norm to this before each update (0: no clipping).
-    clip_grad: float = 0.0
+    # Clip the gradient's global norm to this before each update (0: no clipping); None:
+    # the task's DEFAULTS, else no clipping.
+    clip_grad: float | None = None
     # Worker processes fetching batches ahead (a torch DataLoader); 0 fetches on the
     # training thread, which is fastest for in-memory tensors.
     loader_workers: int = 0

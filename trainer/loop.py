@@ -244,6 +244,8 @@ class Trainer(TrainerBase):
         ctx = self.task.context
         self.device = resolve_device(cfg.device)
         self.batch_size = int(ctx["batch_size"])
+        clip = cfg.clip_grad if cfg.clip_grad is not None else self.task.defaults.get("clip_grad")
+        self.clip_grad = float(clip or 0.0)
         train_set, self.eval_set = self.task.datasets(peer_index, num_peers)
         self.batches = Batches(
             train_set, self.batch_size, cfg.seed, peer_index, workers=cfg.loader_workers
@@ -303,7 +305,7 @@ class Trainer(TrainerBase):
     def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
         """Train until ``total_steps`` or ``stop`` is set. Runs on the training thread."""
         model, opt, sched, lock = self.model, self.optimizer, self.scheduler, self.weights.lock
-        task, clip, total = self.task, self.cfg.clip_grad, self.total_steps or 0
+        task, clip, total = self.task, self.clip_grad, self.total_steps or 0
         assert total > 0
         model.train()
         while self.step < total and not stop.is_set():

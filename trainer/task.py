@@ -14,7 +14,7 @@ setting (``seed``, ``partition``, ``lr``, ``batch_size``, ``data_dir``, ``datase
 ``arch``, ``steps``, ``model`` for ``optimizer``) receive the setting when it is set, so
 ``def data(peer, peers, seed=0, partition="iid")`` follows ``--seed`` and ``--partition``.
 A module-level ``DEFAULTS`` dict gives the task's own defaults for ``batch_size``, ``lr``,
-``steps``, ``epochs`` and ``period``; flags override it.
+``steps``, ``epochs`` and ``clip_grad``; flags override it.
 
 Every value a task hands back is checked here, so a wrong type is one line naming the
 function and what it returned, never a traceback from deep inside the loop.
@@ -42,7 +42,7 @@ BUILTIN = {
     "shakespeare": "trainer.tasks.shakespeare",
 }
 # Keys of a task's DEFAULTS dict, and the settings a task function may ask for by name.
-DEFAULT_KEYS = ("batch_size", "lr", "steps", "epochs", "period", "eval_every")
+DEFAULT_KEYS = ("batch_size", "lr", "steps", "epochs", "clip_grad")
 CONTEXT_KEYS = ("seed", "partition", "lr", "batch_size", "data_dir", "dataset", "arch", "steps")
 
 

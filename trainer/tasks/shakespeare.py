@@ -16,7 +16,8 @@ shifted by one character (the targets); peers share out the windows iid. Every p
 the same 480 windows, evenly spaced over the validation text.
 
 Optimizer: AdamW, betas (0.9, 0.99), weight decay 0.1 on matrices and embeddings, none on the
-LayerNorm weights (nanoGPT's grouping).
+LayerNorm weights (nanoGPT's grouping). DEFAULTS: batch 12, 2000 steps, a constant lr 1e-3,
+the gradient's norm clipped at 1.0.
 
 Expected: nanoGPT's README reports a loss of about 1.88 for this configuration after 2000
 iterations of batch 12 (its lr 1e-3 warms up for 100 iterations and decays to 1e-4 by a cosine;
@@ -47,7 +48,7 @@ N_LAYER, N_HEAD, N_EMBD = 4, 4, 128
 EVAL_WINDOWS = 480
 ASSET = "assets/tinyshakespeare.txt.gz"
 
-DEFAULTS = {"batch_size": 12, "lr": 1e-3, "steps": 2000}
+DEFAULTS = {"batch_size": 12, "lr": 1e-3, "steps": 2000, "clip_grad": 1.0}
 
 _UNKNOWN = 255
 _LUT = np.full(256, _UNKNOWN, dtype=np.uint8)  # byte -> character id

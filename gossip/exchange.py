@@ -166,11 +166,14 @@ class GossipConfig:
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
     deadline_base: float = 2.0
     deadline_min_rate: float = 20e6
-    # After training, a peer keeps averaging every this many seconds while it lingers.
+    # After training, a peer keeps averaging every this many seconds while it lingers (or
+    # every half period, if that is longer).
     linger_interval: float = 0.05
     # A lingering peer leaves once no peer that is still training has offered an exchange
-    # for this many seconds (training peers offer every period_steps, i.e. many times a
-    # second), so the last peer to finish still has partners to average with ...
+    # for this many seconds, and at least three of its own periods (training peers offer
+    # about once a period: many times a second for the seed MLP, every few seconds for a
+    # transformer; see trainer.peer.linger_pace), so the last peer to finish still has
+    # partners to average with ...
     linger_quiet: float = 2.0
     # ... but never lingers longer than this.
     linger_max: float = 600.0

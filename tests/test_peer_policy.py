@@ -81,3 +81,15 @@ def test_period_clock_counts_an_answered_exchange_and_spreads_the_restart():
         assert fired and fired[0] - 16 in range(14, 25)  # about 20 steps, give or take 5
         restarts.add(fired[0])
     assert len(restarts) > 5  # partners restarting together do not fire together
+
+
+def test_lingering_keeps_pace_with_the_models_period() -> None:
+    from gossip.exchange import GossipConfig
+    from trainer.peer import linger_pace
+
+    g = GossipConfig()  # period 20 steps, quiet 2 s, interval 50 ms
+    # The seed MLP (0.6 ms a step): the configured values stand.
+    assert linger_pace(g, 0.0006) == (g.linger_quiet, g.linger_interval)
+    # A transformer at 0.27 s a step: a period is 5.4 s; wait three, offer twice a period.
+    quiet, interval = linger_pace(g, 0.27)
+    assert quiet == pytest.approx(16.2) and interval == pytest.approx(2.7)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gossip.exchange import Exchanger, IncompatiblePeer
+from gossip.exchange import Exchanger, GossipConfig, IncompatiblePeer
 from p2p.framing import Frame, MsgType
 from p2p.membership import JoinError, Membership
 from p2p.node import Node, NodeConfig
@@ -116,6 +116,20 @@ def partner_order(addrs: list[str], partnered: set[str], rng: random.Random) -> 
     rng.shuffle(fresh)
     rng.shuffle(stale)
     return fresh + stale
+
+
+def linger_pace(g: GossipConfig, step_seconds: float) -> tuple[float, float]:
+    """How long a lingering peer waits without a training peer's offer before it leaves, and
+    how often it offers meanwhile, for a model whose steps take ``step_seconds``.
+
+    Training peers offer about once a period (``period_steps`` of their steps). For a model
+    whose period lasts seconds, a fixed quiet window would let finished peers leave while a
+    slower one still trains, and offers every ``linger_interval`` would average a training
+    peer many times a period with frozen weights, holding it back. So the window is at least
+    three periods and the offers at most two a period (the seed MLP: 2 s and 50 ms, as set).
+    """
+    period = max(0.0, g.period_steps * step_seconds)
+    return max(g.linger_quiet, 3.0 * period), max(g.linger_interval, period / 2.0)
 
 
 class PeerError(Exception):
@@ -495,14 +509,15 @@ class Peer:
         assert self._kick is not None
         self.status = "averaging"
         g = self.cfg.gossip
+        quiet_after, interval = linger_pace(g, self.trainer.step_seconds)
         start = time.monotonic()
         while not self.stopped_by_signal:
             now = time.monotonic()
-            quiet = now - self.exchanger.last_training_offer >= g.linger_quiet
+            quiet = now - self.exchanger.last_training_offer >= quiet_after
             if (now - start >= self.cfg.linger_seconds and quiet) or now - start >= g.linger_max:
                 break
             self._kick.set()
-            await asyncio.sleep(g.linger_interval)
+            await asyncio.sleep(interval)
         self.emit("lingered", seconds=round(time.monotonic() - start, 3))
 
     # -- status ------------------------------------------------------------------------------

@@ -879,7 +879,7 @@ def fork_probe_main(spec_json: str) -> None:
 
 
 # -- (f) memory ---------------------------------------------------------------------------------
-def bare_torch_rss(reps: int = 3) -> dict[str, float]:
+def bare_torch_rss(reps: int = 3) -> dict[str, Any]:
     """RSS of a fresh ``python -c "import torch"``, measured inside it after the import."""
     code = (
         "import torch, pathlib; s = pathlib.Path('/proc/self/status').read_text();"
@@ -1000,6 +1000,7 @@ def memory_peer_main(spec_json: str) -> None:
     from p2p.framing import Limits
     from p2p.transport import TcpTransport
     from trainer.config import PeerConfig, TrainConfig
+    from trainer.data import dataset_for
     from trainer.loop import Trainer
     from trainer.optim import FlatAdam
     from trainer.peer import Peer
@@ -1025,7 +1026,7 @@ def memory_peer_main(spec_json: str) -> None:
             model = nn.Sequential(nn.Flatten(), nn.Linear(784, h), nn.ReLU(), nn.Linear(h, 10))
         trainer.model = model
         trainer.weights = FlatWeights(model)
-        trainer.optimizer = FlatAdam(trainer.weights, lr=cfg.train.lr)
+        trainer.optimizer = FlatAdam(trainer.weights, lr=cfg.train.lr or 1e-3)
     stages["model"] = mem()
     training: list[dict[str, int]] = []
 
@@ -1039,7 +1040,7 @@ def memory_peer_main(spec_json: str) -> None:
 
     limits = Limits(max_payload=max(64 << 20, 2 * trainer.weights.nbytes))
     result = uvloop.run(Peer(cfg, trainer, TcpTransport(limits), report).run())
-    data = trainer.data
+    data = dataset_for(cfg.train.dataset, cfg.train.data_dir)  # the task's, loaded once
     out = {
         "stages": stages,
         "training_rss": [m["rss"] for m in training],

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from common import (
     machine_info,
     markdown_table,
     python_cmd,
+    run_ranks,
 )
 
 log = logging.getLogger(__name__)
@@ -79,28 +79,12 @@ def launch(world: int, job: list[str], cfg: BaselineConfig) -> tuple[float, list
             "--data", cfg.data, "--subset", str(cfg.subset), *job,
         ]  # fmt: skip
         launched = time.time()
-        procs = [
-            subprocess.Popen(
-                [*python_cmd(), str(BENCH_DIR / "_ddp_worker.py"), "--rank", str(rank)]
-                + ["--launch", repr(launched), *common_args],
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
+        worker = [*python_cmd(), str(BENCH_DIR / "_ddp_worker.py")]
+        cmds = [
+            [*worker, "--rank", str(rank), "--launch", repr(launched), *common_args]
             for rank in range(world)
         ]
-        results = []
-        try:
-            for rank, proc in enumerate(procs):
-                out, _ = proc.communicate(timeout=max(1.0, launched + cfg.timeout - time.time()))
-                if proc.returncode != 0:
-                    raise RuntimeError(f"worker {rank}/{world} exited with {proc.returncode}")
-                results.append(_result(out, rank))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        results = run_ranks(cmds, env, launched + cfg.timeout, _result)
     return launched, results
 
 

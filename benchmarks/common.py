@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,50 @@ def mb_per_s(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
 
+def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    """The address in the ``READY <addr>`` line a helper prints; RuntimeError if none comes."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(READY):
+                return line.split(maxsplit=1)[1].strip()
+        elif proc.poll() is not None:
+            break
+    raise RuntimeError(f"helper {proc.args!r} did not start (exit {proc.poll()})")
+
+
+def run_ranks(
+    cmds: Sequence[Sequence[str]],
+    env: dict[str, str],
+    deadline: float,
+    parse: Callable[[str, int], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Start one process per command (rank order), wait for all until ``deadline``
+    (time.time()), and return ``parse(stdout, rank)`` of each; any failure kills the rest."""
+    procs = [
+        subprocess.Popen(list(cmd), cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
+        for cmd in cmds
+    ]
+    results = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            if proc.returncode != 0:
+                raise RuntimeError(f"rank {rank}/{len(procs)} exited with {proc.returncode}")
+            results.append(parse(out, rank))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 class Helper:
     """A helper process started with ``python <script> <args>`` that prints ``READY <addr>``."""
 
@@ -141,19 +185,7 @@ class Helper:
             raise
 
     def _wait_ready(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                if line.startswith(READY):
-                    return line.split(maxsplit=1)[1].strip()
-            elif self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"helper {self.proc.args!r} did not start (exit {self.proc.poll()})")
+        return wait_ready(self.proc, timeout)
 
     def stop(self, timeout: float = 10.0) -> str:
         """Close its stdin (the helper exits on EOF), then escalate to kill; return its output."""

@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import shutil
 import statistics
 import subprocess
@@ -60,6 +59,8 @@ from common import (
     machine_info,
     markdown_table,
     python_cmd,
+    run_ranks,
+    wait_ready,
 )
 from training import Launch, launch_local
 
@@ -154,28 +155,16 @@ def ddp_tta(world: int, cfg: LMBenchConfig) -> dict[str, Any]:
             "--clip-grad", str(cfg.clip_grad),
         ]  # fmt: skip
         launched = time.time()
-        procs = [
-            subprocess.Popen(
-                worker_cmd("--rank", str(rank), "--launch", repr(launched), *job),
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
+        cmds = [
+            worker_cmd("--rank", str(rank), "--launch", repr(launched), *job)
             for rank in range(world)
         ]
-        results = []
-        try:
-            for rank, proc in enumerate(procs):
-                out, _ = proc.communicate(timeout=max(1.0, launched + cfg.timeout - time.time()))
-                if proc.returncode != 0:
-                    raise RuntimeError(f"rank {rank}/{world} exited with {proc.returncode}")
-                results.append(result_of(out, f"rank {rank}/{world}"))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        results = run_ranks(
+            cmds,
+            env,
+            launched + cfg.timeout,
+            lambda out, rank: result_of(out, f"rank {rank}/{world}"),
+        )
     wall = time.time() - launched
     r0 = results[0]
     curve, reached = r0["curve"], r0["reached"]
@@ -386,23 +375,11 @@ class OwnLoopWorker:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
-        self.addr = self._ready(ready_timeout)
-
-    def _ready(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                if line.startswith("READY "):
-                    return line.split(maxsplit=1)[1].strip()
-            elif self.proc.poll() is not None:
-                break
-        self.kill()
-        raise RuntimeError(f"own-loop worker {self.proc.args!r} did not start")
+        try:
+            self.addr = wait_ready(self.proc, ready_timeout)
+        except RuntimeError:
+            self.kill()
+            raise
 
     def go(self) -> None:
         assert self.proc.stdin is not None

@@ -5,9 +5,11 @@ what ``GossipOptimizer.step`` adds around the inner ``optimizer.step`` (the weig
 step counter, the checkpoint and gossip-period checks, the hand-off to the gossip thread) is
 not lost in the noise of a real model's step. The peer has no neighbour: exchanges are not
 part of this cost (``transformer.py --only overhead`` measures them on a real model).
-Plain and wrapped loops alternate, ``--reps`` times each; the figures are medians.
+After a warm-up, plain and wrapped loops alternate in ``--blocks`` blocks of ``--steps``
+steps each, so both see the same drift in the machine's load; the figures are the median
+and the minimum over blocks (the minimum is the least disturbed).
 
-    .venv/bin/python benchmarks/wrapper_cost.py [--steps 5000] [--reps 5] [--json out.json]
+    .venv/bin/python benchmarks/wrapper_cost.py [--steps 500] [--blocks 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,47 +41,59 @@ def main() -> None:
     from trainer import GossipOptimizer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="1000 steps, 2 reps")
+    p.add_argument("--steps", type=int, default=500, help="steps per block")
+    p.add_argument("--blocks", type=int, default=20, help="blocks of each loop, alternating")
+    p.add_argument("--quick", action="store_true", help="4 blocks of 200 steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    steps, reps = (1000, 2) if args.quick else (args.steps, args.reps)
+    steps, blocks = (200, 4) if args.quick else (args.steps, args.blocks)
     torch.set_num_threads(1)
     rows: dict[str, list[tuple[float, float]]] = {"plain": [], "GossipOptimizer": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(reps):
-            model = nn.Linear(16, 4)
-            rows["plain"].append(
-                timed_loop(torch.optim.SGD(model.parameters(), 0.01), model, steps)
-            )
-            model = nn.Linear(16, 4)
-            opt = GossipOptimizer(
-                model, torch.optim.SGD(model.parameters(), 0.01), run_dir=tmp, linger=0
-            )
-            rows["GossipOptimizer"].append(timed_loop(opt, model, steps))
-            opt.close()
-    med = {
-        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        plain = nn.Linear(16, 4)
+        wrapped = nn.Linear(16, 4)
+        loops = {
+            "plain": (torch.optim.SGD(plain.parameters(), 0.01), plain),
+            "GossipOptimizer": (
+                GossipOptimizer(
+                    wrapped, torch.optim.SGD(wrapped.parameters(), 0.01), run_dir=tmp, linger=0
+                ),
+                wrapped,
+            ),
+        }
+        for opt, model in loops.values():
+            timed_loop(opt, model, steps)  # warm-up, not counted
+        for _ in range(blocks):  # alternating blocks: both see the same drift in load
+            for name, (opt, model) in loops.items():
+                rows[name].append(timed_loop(opt, model, steps))
+        loops["GossipOptimizer"][0].close()
+    stats = {
+        k: {
+            "wall_median": statistics.median(w for w, _ in v),
+            "wall_min": min(w for w, _ in v),
+            "cpu_median": statistics.median(c for _, c in v),
+            "cpu_min": min(c for _, c in v),
+        }
         for k, v in rows.items()
     }
-    added = (
-        med["GossipOptimizer"][0] - med["plain"][0],
-        med["GossipOptimizer"][1] - med["plain"][1],
-    )
+    added = {key: stats["GossipOptimizer"][key] - stats["plain"][key] for key in stats["plain"]}
     result = {
         "benchmark": "wrapper_cost",
         "command": command_line(),
         "machine": machine_info(),
         "code": code_version(),
-        "steps": steps,
-        "reps": reps,
-        "us_per_step": {k: {"wall": w, "cpu": c, "each": rows[k]} for k, (w, c) in med.items()},
-        "added_us_per_step": {"wall": added[0], "cpu": added[1]},
+        "steps_per_block": steps,
+        "blocks": blocks,
+        "us_per_step": {k: {**stats[k], "each": rows[k]} for k in rows},
+        "added_us_per_step": added,
     }
+    headers = ["loop (Linear 16->4, batch 8, SGD)", "wall us/step median", "min",
+               "training-thread CPU us/step median", "min"]  # fmt: skip
+    keys = ("wall_median", "wall_min", "cpu_median", "cpu_min")
     table = markdown_table(
-        ["loop (Linear 16->4, batch 8, SGD)", "wall us/step", "training-thread CPU us/step"],
-        [[k, w, c] for k, (w, c) in med.items()] + [["added by GossipOptimizer", *added]],
+        headers,
+        [[k, *(stats[k][x] for x in keys)] for k in stats]
+        + [["added by GossipOptimizer", *(added[x] for x in keys)]],
     )
     emit(result, [table], args.json)
 

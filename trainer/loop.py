@@ -163,6 +163,8 @@ class TrainerBase:
             ckpt, path = found
             source = f"checkpoint {path}"
             mine = self.identity()
+            # Another task first and alone: its other settings would only blur the message.
+            validate_compatible(ckpt["config"], mine, keys=["task"], source=source)
             validate_compatible(
                 ckpt["config"], mine, keys=[k for k in COMPAT_KEYS if k in mine], source=source
             )

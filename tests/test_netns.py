@@ -338,3 +338,35 @@ def test_peers_configured_by_toml_files_train_across_hosts(tmp_path):
         assert r["addr"] == f"{net.ip(i)}:7000" and r["exchanges"] > 0, r
         assert r["test_accuracy"] >= 0.85, r
         assert list((tmp_path / f"ck{i}").glob("*.pt")), "the [checkpoint] section took effect"
+
+
+@needs_netns
+def test_run_starts_own_loop_scripts_each_on_a_host_of_its_own(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "run",
+            "--peers",
+            "2",
+            "--netns",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            str(ROOT / "examples" / "own_loop.py"),
+            "--epochs",
+            "1",
+        ),  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    peers = summary["peers"]
+    assert [p["status"] for p in peers] == ["finished", "finished"]
+    assert all(p["exchanges"] > 0 for p in peers)
+    # Each copy listened on its own namespace's address, not on loopback.
+    addrs = [p["addr"] for p in peers]
+    assert len(set(addrs)) == 2 and not any(a.startswith("127.") for a in addrs), addrs
+    assert not owned_names(), "the run's namespaces must be gone"

@@ -77,3 +77,63 @@ def test_gossip_failures_and_bad_settings_raise_clearly(tmp_path: Path) -> None:
         )  # fmt: skip
     with pytest.raises(ConfigError, match="unknown setting.*listn"):
         GossipOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), listn="x")
+
+
+CRASHES_ONCE = """
+import torch
+from torch import nn
+from trainer import GossipOptimizer
+
+torch.manual_seed(0)
+model = nn.Linear(4, 2)
+opt = GossipOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), state={"lives": 0})
+opt.state["lives"] += 1
+for step in range(opt.resumed_step, 60):
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    if step == 30 and opt.state["lives"] == 1:
+        raise RuntimeError("a bug in the user's loop")
+opt.close()
+"""
+
+
+@pytest.mark.real
+def test_a_script_that_raises_exits_and_is_restarted_from_its_checkpoint(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from conftest import ROOT, cli
+
+    script = tmp_path / "crashes_once.py"
+    script.write_text(CRASHES_ONCE)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "run",
+            "--peers",
+            "1",
+            "--restart-failed",
+            "--checkpoint-every",
+            "10",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            str(script),
+        ),  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (peer,) = summary["peers"]
+    assert peer["status"] == "finished" and peer["restarts"] == 1 and peer["steps"] == 60
+    exits = [e for e in summary["events"] if e["kind"] == "exited"]
+    assert [e["returncode"] for e in exits] == [1]  # the exception ended the process
+    resumed = [e for e in summary["events"] if e["kind"] == "resumed"]
+    # A checkpoint every 10 steps, the newest before the crash at step 31 (the one taken at
+    # step 30 may still have been in its writer thread when the process died).
+    assert resumed and resumed[-1]["step"] in (20, 30), resumed
+    assert "a bug in the user's loop" in (run_dir / "peer-0" / "log.txt").read_text()

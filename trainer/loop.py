@@ -14,6 +14,7 @@ checkpoints, evaluation); ``Trainer`` is our loop over a task, and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -233,6 +234,10 @@ class TrainerBase:
 
     def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
         raise NotImplementedError
+
+    async def drive(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
+        """The peer's part: train until done or ``stop``; our loop runs on a thread of its own."""
+        await asyncio.to_thread(self.run, stop, on_step)
 
 
 class Trainer(TrainerBase):

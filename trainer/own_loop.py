@@ -20,6 +20,7 @@ Settings come from keyword arguments, then from the variables ``gossip-train run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -64,6 +65,7 @@ class OwnLoop(TrainerBase):
         self.started = threading.Event()  # set when the peer hands us on_step
         self._on_step: Callable[[StepInfo], None] | None = None
         self._t_last: float | None = None
+        self.owner = threading.current_thread()  # the thread whose loop this is
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "task": "own-loop", "schema": self.weights.schema}
@@ -92,12 +94,20 @@ class OwnLoop(TrainerBase):
             }
         return dict(self.last_metrics)
 
-    def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
-        """The peer's training thread: wait until the user's loop ends (or the peer stops)."""
+    async def drive(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
+        """The peer's part: wait, on its own event loop, until the user's loop ends.
+
+        No worker thread waits here: the gossip thread is a daemon, so a script that dies
+        of an exception exits at once (to be restarted from its checkpoint) instead of
+        hanging in the interpreter's join of busy worker threads. A loop thread that ends
+        without ``close()`` fails the peer: no final model, no graceful leave.
+        """
         self._on_step = on_step
         self.started.set()
         while not (self.stop.is_set() or stop.is_set()):
-            self.stop.wait(0.1)
+            if not self.owner.is_alive():
+                raise GossipError("the training loop's thread ended without close()")
+            await asyncio.sleep(0.05)
 
     def user_step(self, closure: Callable[[], Any] | None) -> Any:
         # A checkpoint is taken before this update, not after it: it then holds the state

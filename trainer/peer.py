@@ -387,9 +387,8 @@ class Peer:
 
         self.status = "training"
         self.emit("started", steps=self.trainer.total_steps, samples=self.trainer.shard_size)
-        thread_done = asyncio.to_thread(self.trainer.run, self.stop, on_step)
         try:
-            await thread_done
+            await self.trainer.drive(self.stop, on_step)
         finally:
             self.stop.set()
 

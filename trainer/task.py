@@ -41,9 +41,8 @@ BUILTIN = {
     "classifier": "trainer.tasks.classifier",
     "shakespeare": "trainer.tasks.shakespeare",
 }
-# Keys of a task's DEFAULTS dict, and the settings a task function may ask for by name.
+# Keys of a task's DEFAULTS dict.
 DEFAULT_KEYS = ("batch_size", "lr", "steps", "epochs", "clip_grad")
-CONTEXT_KEYS = ("seed", "partition", "lr", "batch_size", "data_dir", "dataset", "arch", "steps")
 
 
 class TaskError(ValueError):
@@ -56,7 +55,8 @@ class Task:
     source: str  # built-in name, or the file's absolute path
     module: ModuleType
     defaults: dict[str, Any] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)  # run settings, see CONTEXT_KEYS
+    # The run settings a task function may ask for by name (trainer.loop.task_context).
+    context: dict[str, Any] = field(default_factory=dict)
 
     # -- the contract, checked --------------------------------------------------------------
     def _fn(self, name: str) -> Callable[..., Any] | None:

@@ -81,3 +81,14 @@ def test_own_loop_under_run_survives_a_killed_and_restarted_peer(
     assert f"resumed at step {resumed[-1]['step']}" in log
     state = torch.load(run_dir / "consensus.pt", weights_only=True)
     assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+def test_loader_workers_fetch_batches_in_forked_peers(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    launch(
+        "local", "--task", str(ROOT / "examples" / "bn_task.py"), "--peers", "2",
+        "--loader-workers", "2", "--steps", "40", "--run-dir", str(run_dir), "--no-progress",
+    )  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [p["steps"] for p in summary["peers"]] == [40, 40]
+    assert all(p["status"] == "finished" and p["samples"] == 40 * 64 for p in summary["peers"])

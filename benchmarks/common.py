@@ -96,6 +96,30 @@ def summarize(seconds: Sequence[float]) -> Summary:
     return Summary(len(seconds), statistics.median(seconds), min(seconds), max(seconds))
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None (None if there are none)."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def paired_ratios(
+    reps: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """``time_to_target_s`` of a over b for each (a, b), paired within each rep, and the
+    median of the pairs; a pair is left out where either run missed the target."""
+    out = {}
+    for a, b in pairs:
+        if a not in reps or b not in reps:
+            continue
+        each = [
+            ra["time_to_target_s"] / rb["time_to_target_s"]
+            for ra, rb in zip(reps[a], reps[b], strict=True)
+            if ra["time_to_target_s"] and rb["time_to_target_s"]
+        ]
+        out[f"{a} / {b}"] = {"median": median(each), "each": each}
+    return out
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):

@@ -68,6 +68,8 @@ from common import (
     emit,
     machine_info,
     markdown_table,
+    median,
+    paired_ratios,
     python_cmd,
 )
 
@@ -299,11 +301,6 @@ def load_now() -> float:
     return os.getloadavg()[0]
 
 
-def median(values: Sequence[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 # -- windows over progress events -------------------------------------------------------------
 def interp(points: Sequence[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of sorted (x, y) points at x; None outside their range."""
@@ -434,7 +431,7 @@ def time_to_accuracy(cfg: GossipBenchConfig, runs: Runs) -> dict[str, Any]:
             reps[name].append(job())
     rows = {name: tta_median(results) for name, results in reps.items()}
     note = None if hivemind else "hivemind is not installed; its rows were skipped"
-    return {"rows": rows, "reps": reps, "ratios": tta_ratios(reps, cfg), "hivemind": note}
+    return {"rows": rows, "reps": reps, "ratios": tta_ratios(reps), "hivemind": note}
 
 
 def ddp_tta(world: int, cfg: GossipBenchConfig) -> dict[str, Any]:
@@ -457,22 +454,12 @@ def tta_median(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def tta_ratios(reps: dict[str, list[dict[str, Any]]], cfg: GossipBenchConfig) -> dict[str, Any]:
-    """Gossip time / reference time, paired within each rep, then the median of the pairs."""
+def tta_ratios(reps: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Time / reference time, paired within each rep, then the median of the pairs."""
     pairs = [("gossip-train x2", "single process"), ("gossip-train x2", "DDP gloo x2"),
              ("gossip-train x2", "DDP gloo x4"), ("gossip-train x4", "single process"),
              ("gossip-train x4", "DDP gloo x4")]  # fmt: skip
-    out = {}
-    for a, b in pairs:
-        if a not in reps or b not in reps:
-            continue
-        each = [
-            ra["time_to_target_s"] / rb["time_to_target_s"]
-            for ra, rb in zip(reps[a], reps[b], strict=True)
-            if ra["time_to_target_s"] and rb["time_to_target_s"]
-        ]
-        out[f"{a} / {b}"] = {"median": median(each), "each": each}
-    return out
+    return paired_ratios(reps, pairs)
 
 
 # -- (b) hivemind ------------------------------------------------------------------------------

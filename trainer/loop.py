@@ -40,7 +40,7 @@ from .checkpoint import (
     validate_compatible,
 )
 from .config import CheckpointConfig, TrainConfig
-from .data import Batches, batch_size_of, eval_batches, to_device
+from .data import Batches, batch_size_of, to_device
 from .task import Task, TaskError, load_task
 from .weights import FlatWeights
 
@@ -363,16 +363,8 @@ class Trainer(TrainerBase):
         return self._evaluate()
 
     def _evaluate(self) -> dict[str, float]:
-        model = self.model
-        was_training = model.training
-        model.eval()
         size = self.cfg.eval_batch_size
-        try:
-            with torch.inference_mode():
-                batches = (to_device(b, self.device) for b in eval_batches(self.eval_set, size))
-                self.last_metrics = self.task.metrics(model, batches)
-        finally:
-            model.train(was_training)
+        self.last_metrics = self.task.evaluate(self.model, self.eval_set, size, self.device)
         return dict(self.last_metrics)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import batch_size_of
+from .data import batch_size_of, eval_batches, to_device
 
 BUILTIN = {
     "classifier": "trainer.tasks.classifier",
@@ -123,7 +123,7 @@ class Task:
     def has_loss(self) -> bool:
         return self._fn("loss") is not None
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+    def _scalar_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         fn = self._fn("loss")
         out = default_loss(model, batch) if fn is None else fn(model, batch)
         if not isinstance(out, torch.Tensor) or out.numel() != 1:
@@ -131,6 +131,10 @@ class Task:
             if isinstance(out, torch.Tensor):
                 what = f"a tensor of shape {list(out.shape)}"
             raise TaskError(f"task {self.source}: loss() returned {what}, not a scalar tensor")
+        return out
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        out = self._scalar_loss(model, batch)
         if not out.requires_grad:
             raise TaskError(
                 f"task {self.source}: loss() returned a tensor that does not depend on the "
@@ -140,11 +144,23 @@ class Task:
 
     def loss_value(self, model: nn.Module, batch: Any) -> float:
         """The task's loss of one batch as a number (evaluation: no gradient needed)."""
-        fn = self._fn("loss")
-        out = default_loss(model, batch) if fn is None else fn(model, batch)
-        if not isinstance(out, torch.Tensor) or out.numel() != 1:
-            raise TaskError(f"task {self.source}: loss() did not return a scalar tensor")
-        return out.item()
+        return self._scalar_loss(model, batch).item()
+
+    def evaluate(
+        self, model: nn.Module, eval_set: Any, batch_size: int, device: torch.device | None = None
+    ) -> dict[str, float]:
+        """``metrics`` over the whole evaluation set, in eval mode under inference_mode (the
+        model's mode is restored)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                batches = eval_batches(eval_set, batch_size)
+                if device is not None:
+                    batches = (to_device(b, device) for b in batches)
+                return self.metrics(model, batches)
+        finally:
+            model.train(was_training)
 
     def metrics(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         fn = self._fn("metrics")

@@ -75,56 +75,58 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 RESTART_GRACE = 5.0
 
 
-def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> list[str]:
-    argv = [
-        *child.wrap,
-        sys.executable,
-        "-m",
-        "trainer.cli",
-        "peer",
-        "--events",
-        "jsonl",
-        "--listen",
-        child.listen or child.addr,
-        "--name",
-        child.name,
-        "--index",
-        str(child.index),
-        "--num-peers",
-        str(n),
-        "--run-dir",
-        str(child.run_dir),
-        "--threads",
-        str(args.threads or default_threads(n)),
-        "--linger",
-        str(2.0 if args.linger is None else args.linger),
-    ]
-    if child.listen:
-        argv += ["--advertise", child.addr]
-    if seeds:
-        argv += ["--join", ",".join(seeds)]
-    if getattr(args, "allow_control", False):
-        argv += ["--allow-control"]
-    if args.checkpoints or args.restart_failed:
-        argv += ["--checkpoint-dir", str(child.run_dir / "checkpoints")]
-    if args.restart_failed:
+def launch_settings(
+    args: argparse.Namespace, child: Child, n: int, seeds: list[str]
+) -> dict[str, str | None]:
+    """What the launcher tells each peer it starts, by flag (``peer``) or by variable
+    (``run``): the key is the flag's name and, upper-cased, the variable's. None: not set."""
+    supervised = args.checkpoints or args.restart_failed
+    return {
+        "listen": child.listen or child.addr,
+        "advertise": child.addr if child.listen else None,
+        "join": ",".join(seeds) or None,
+        "name": child.name,
+        "index": str(child.index),
+        "num_peers": str(n),
+        "run_dir": str(child.run_dir),
+        "threads": str(args.threads or default_threads(n)),
+        "linger": str(2.0 if args.linger is None else args.linger),
+        "checkpoint_dir": str(child.run_dir / "checkpoints") if supervised else None,
         # A finished peer leaves once nobody trains; a peer that crashed near the end must
         # find someone to average with when it comes back (restart delay, fork, resume).
-        argv += ["--linger-quiet", str(max(2.0, args.restart_delay + RESTART_GRACE))]
-    passed_on = (
-        "checkpoint_every",
-        "checkpoint_seconds",
-        "checkpoint_keep",
-        "period",
-        "gossip_budget",
-        "cluster",
-        "profile",
-        *(k for k in TRAIN_KEYS if k != "threads"),
-    )
-    for flag in passed_on:
-        value = getattr(args, flag, None)
+        "linger_quiet": str(max(2.0, args.restart_delay + RESTART_GRACE))
+        if args.restart_failed
+        else None,
+        **{
+            key: _flag(args, key)
+            for key in (
+                "checkpoint_every",
+                "checkpoint_seconds",
+                "checkpoint_keep",
+                "period",
+                "cluster",
+                "profile",
+            )
+        },
+    }
+
+
+def _flag(args: argparse.Namespace, name: str) -> str | None:
+    value = getattr(args, name, None)
+    return None if value is None else str(value)
+
+
+def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> list[str]:
+    argv = [*child.wrap, sys.executable, "-m", "trainer.cli", "peer", "--events", "jsonl"]
+    for key, value in launch_settings(args, child, n, seeds).items():
         if value is not None:
-            argv += ["--" + flag.replace("_", "-"), str(value)]
+            argv += ["--" + key.replace("_", "-"), value]
+    if getattr(args, "allow_control", False):
+        argv += ["--allow-control"]
+    for key in ("gossip_budget", *(k for k in TRAIN_KEYS if k != "threads")):
+        value = _flag(args, key)
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), value]
     return argv
 
 
@@ -133,8 +135,11 @@ def script_env(
 ) -> dict[str, str]:
     """The environment of one copy of a `gossip-train run` script: torchrun's variables
     (so existing sharding code works) and the GOSSIP_TRAIN_* ones GossipOptimizer reads."""
-    threads = str(args.threads or default_threads(n))
-    env = {
+    ours = launch_settings(args, child, n, seeds)
+    ours["events_fd"] = str(events_fd)
+    ours["allow_control"] = "1" if getattr(args, "allow_control", False) else None
+    threads = ours["threads"] or "1"
+    return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": threads,
@@ -142,39 +147,8 @@ def script_env(
         "WORLD_SIZE": str(n),
         "LOCAL_RANK": str(child.index),
         "LOCAL_WORLD_SIZE": str(n),
+        **{ENV_PREFIX + key.upper(): value or "" for key, value in ours.items()},
     }
-    ours = {
-        "LISTEN": child.listen or child.addr,
-        "ADVERTISE": child.addr if child.listen else "",
-        "JOIN": ",".join(seeds),
-        "NAME": child.name,
-        "INDEX": str(child.index),
-        "NUM_PEERS": str(n),
-        "RUN_DIR": str(child.run_dir),
-        "THREADS": threads,
-        "EVENTS_FD": str(events_fd),
-        "LINGER": str(2.0 if args.linger is None else args.linger),
-        "ALLOW_CONTROL": "1" if getattr(args, "allow_control", False) else "",
-        "CHECKPOINT_DIR": str(child.run_dir / "checkpoints")
-        if args.checkpoints or args.restart_failed
-        else "",
-        "LINGER_QUIET": str(max(2.0, args.restart_delay + RESTART_GRACE))
-        if args.restart_failed
-        else "",
-        "PERIOD": str(args.period) if getattr(args, "period", None) else "",
-        "CHECKPOINT_EVERY": _flag(args, "checkpoint_every"),
-        "CHECKPOINT_SECONDS": _flag(args, "checkpoint_seconds"),
-        "CHECKPOINT_KEEP": _flag(args, "checkpoint_keep"),
-        "CLUSTER": args.cluster or "",
-        "PROFILE": args.profile or "",
-    }
-    env.update({ENV_PREFIX + k: v for k, v in ours.items()})
-    return env
-
-
-def _flag(args: argparse.Namespace, name: str) -> str:
-    value = getattr(args, name, None)
-    return "" if value is None else str(value)
 
 
 class LocalRun:
@@ -303,24 +277,8 @@ class LocalRun:
         child.run_dir.mkdir(parents=True, exist_ok=True)
         if self.script:
             await self._start_script(child, seeds)
-        elif self.zygote is not None:
-            # Same `gossip-train peer` argv, forked from the pre-loaded zygote.
-            argv = peer_argv(self.args, child, len(self.children), seeds)
-            child.proc = await self.zygote.spawn(argv[3:], str(child.run_dir / "log.txt"))
-            child.events = child.proc.stdout
         else:
-            argv = peer_argv(self.args, child, len(self.children), seeds)
-            log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            child.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-            )
-            log.close()
-            child.events = child.proc.stdout
+            await self._start_peer(child, seeds)
         child.started = time.time()
         child.chaos_killed = False
         self.events.append(
@@ -332,6 +290,25 @@ class LocalRun:
             }
         )
         self.write_peers()
+
+    async def _start_peer(self, child: Child, seeds: list[str]) -> None:
+        """A `gossip-train peer` process; its events are its stdout (stderr goes to log.txt)."""
+        argv = peer_argv(self.args, child, len(self.children), seeds)
+        if self.zygote is not None:
+            # Same `gossip-train peer` argv, forked from the pre-loaded zygote.
+            child.proc = await self.zygote.spawn(argv[3:], str(child.run_dir / "log.txt"))
+        else:
+            log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            child.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+            log.close()
+        child.events = child.proc.stdout
 
     async def _start_script(self, child: Child, seeds: list[str]) -> None:
         """`gossip-train run`: the user's script, told where it stands by its environment;

@@ -147,46 +147,41 @@ def _first(*values: Any) -> Any:
 def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
     """PeerConfig from keyword arguments, then ``gossip-train run``'s variables, then defaults."""
     base = PeerConfig()
-    join = _first(kw.get("join"), _env("JOIN"))
+
+    def pick(key: str, default: Any = None) -> Any:
+        """The keyword argument, else the launcher's GOSSIP_TRAIN_<KEY>, else ``default``."""
+        return _first(kw.get(key), _env(key.upper()), default)
+
+    join = pick("join")
     if isinstance(join, str):
         join = tuple(a.strip() for a in join.split(",") if a.strip())
-    index = _first(kw.get("index"), _env("INDEX"), os.environ.get("RANK"))
-    num_peers = _first(kw.get("num_peers"), _env("NUM_PEERS"), os.environ.get("WORLD_SIZE"))
-    linger = _first(kw.get("linger"), _env("LINGER"))
-    ckpt_dir = _first(kw.get("checkpoint_dir"), _env("CHECKPOINT_DIR"))
-    defaults = CheckpointConfig()
-    ckpt = dataclasses.replace(
-        defaults,
-        directory=ckpt_dir,
-        every_steps=int(
-            _first(kw.get("checkpoint_every"), _env("CHECKPOINT_EVERY"), defaults.every_steps)
-        ),
-        every_seconds=float(
-            _first(kw.get("checkpoint_seconds"), _env("CHECKPOINT_SECONDS"), defaults.every_seconds)
-        ),
-        keep=int(_first(kw.get("checkpoint_keep"), _env("CHECKPOINT_KEEP"), defaults.keep)),
+    ckpt_defaults = CheckpointConfig()
+    ckpt = CheckpointConfig(
+        directory=pick("checkpoint_dir"),
+        every_steps=int(pick("checkpoint_every", ckpt_defaults.every_steps)),
+        every_seconds=float(pick("checkpoint_seconds", ckpt_defaults.every_seconds)),
+        keep=int(pick("checkpoint_keep", ckpt_defaults.keep)),
     )
     gossip = base.gossip
-    period = _first(kw.get("period"), _env("PERIOD"))
+    period, quiet = pick("period"), pick("linger_quiet")
     if period is not None:
         gossip = dataclasses.replace(gossip, period_steps=int(period))
-    quiet = _first(kw.get("linger_quiet"), _env("LINGER_QUIET"))
     if quiet is not None:
         gossip = dataclasses.replace(gossip, linger_quiet=float(quiet))
     allow = _first(kw.get("allow_control"), _env("ALLOW_CONTROL") == "1" or None, False)
     return dataclasses.replace(
         base,
-        name=_first(kw.get("name"), _env("NAME"), ""),
-        listen=_first(kw.get("listen"), _env("LISTEN"), base.listen),
-        advertise=_first(kw.get("advertise"), _env("ADVERTISE")),
+        name=pick("name", ""),
+        listen=pick("listen", base.listen),
+        advertise=pick("advertise"),
         join=tuple(join or ()),
         join_timeout=float(_first(kw.get("join_timeout"), base.join_timeout)),
-        cluster=_first(kw.get("cluster"), _env("CLUSTER"), base.cluster),
-        index=int(_first(index, 0)),
-        num_peers=int(_first(num_peers, 1)),
-        run_dir=_first(kw.get("run_dir"), _env("RUN_DIR"), base.run_dir),
-        profile=_first(kw.get("profile"), _env("PROFILE"), base.profile),
-        linger_seconds=float(_first(linger, 2.0)),
+        cluster=pick("cluster", base.cluster),
+        index=int(pick("index", os.environ.get("RANK", 0))),
+        num_peers=int(pick("num_peers", os.environ.get("WORLD_SIZE", 1))),
+        run_dir=pick("run_dir", base.run_dir),
+        profile=pick("profile", base.profile),
+        linger_seconds=float(pick("linger", 2.0)),
         allow_control=bool(allow),
         checkpoint=ckpt,
         gossip=gossip,

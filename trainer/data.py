@@ -163,12 +163,9 @@ class Batches:
     def _start_loader(self) -> Iterator[Any]:
         from torch.utils.data import DataLoader
 
-        ahead = Batches.__new__(Batches)
-        ahead.__dict__.update(self.__dict__)
-        ahead._gen = torch.Generator()
-        ahead._gen.set_state(self._epoch_gen_state)
-        ahead._order = self._order.clone()
-        ahead._loader = None
+        # A second cursor, from this one's state, runs ahead to feed the workers.
+        ahead = Batches(self.dataset, self.batch_size, self.seed, self.peer_index)
+        ahead.load_state_dict(self.state_dict())
 
         def index_batches() -> Iterator[list[int]]:
             while True:

@@ -19,7 +19,6 @@ it). Workers are ``benchmarks/_ddp_worker.py`` processes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -38,6 +37,7 @@ from common import (
     machine_info,
     markdown_table,
     python_cmd,
+    read_result,
     run_ranks,
 )
 
@@ -89,11 +89,10 @@ def launch(world: int, job: list[str], cfg: BaselineConfig) -> tuple[float, list
 
 
 def _result(out: str, rank: int) -> dict[str, Any]:
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            result: dict[str, Any] = json.loads(line[7:])
-            return result
-    raise RuntimeError(f"worker {rank} printed no result")
+    found = read_result(out)
+    if found is None:
+        raise RuntimeError(f"worker {rank} printed no result")
+    return found
 
 
 # -- time to accuracy ------------------------------------------------------------------------

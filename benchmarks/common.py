@@ -169,6 +169,15 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
     raise RuntimeError(f"helper {proc.args!r} did not start (exit {proc.poll()})")
 
 
+def read_result(out: str) -> dict[str, Any] | None:
+    """The JSON of the ``RESULT <json>`` line a worker printed, or None if it printed none."""
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            found: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            return found
+    return None
+
+
 def run_ranks(
     cmds: Sequence[Sequence[str]],
     env: dict[str, str],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -45,6 +44,7 @@ from common import (
     machine_info,
     markdown_table,
     mb_per_s,
+    read_result,
     summarize,
 )
 
@@ -167,9 +167,9 @@ def gloo_allreduce(size: int, reps: int, warmup: int) -> list[float]:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return [float(s) for s in json.loads(line[7:])["seconds"]]
+    result = read_result(out)
+    if result is not None:
+        return [float(s) for s in result["seconds"]]
     raise RuntimeError(f"gloo rank 0 printed no result (exit {procs[0].returncode})")
 
 

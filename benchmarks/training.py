@@ -71,6 +71,7 @@ from common import (
     median,
     paired_ratios,
     python_cmd,
+    read_result,
 )
 
 log = logging.getLogger(__name__)
@@ -816,10 +817,9 @@ def fork_probe(cfg: GossipBenchConfig, runs: Runs, warm: bool) -> dict[str, Any]
     argv = [*python_cmd(), str(Path(__file__)), "--fork-probe", json.dumps(spec)]
     load = load_now()
     out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=cfg.timeout)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result: dict[str, Any] = json.loads(line[7:])
-            return {**result, "load_1m": load}
+    result = read_result(out.stdout)
+    if result is not None:
+        return {**result, "load_1m": load}
     raise RuntimeError(f"fork probe exited with {out.returncode}: {out.stderr[-300:]}")
 
 

@@ -35,7 +35,6 @@ validation windows). Every worker process starts from the same weights (seed 0).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -61,6 +60,7 @@ from common import (
     median,
     paired_ratios,
     python_cmd,
+    read_result,
     run_ranks,
     wait_ready,
 )
@@ -123,11 +123,10 @@ def worker_cmd(*args: str) -> list[str]:
 
 
 def result_of(out: str, who: str) -> dict[str, Any]:
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            found: dict[str, Any] = json.loads(line[7:])
-            return found
-    raise RuntimeError(f"{who} printed no result")
+    found = read_result(out)
+    if found is None:
+        raise RuntimeError(f"{who} printed no result")
+    return found
 
 
 def curve_rate(curve: Sequence[Sequence[float]]) -> float | None:

@@ -44,7 +44,7 @@ ACCURACY_WITHIN_PP = 0.5
 
 def default_net() -> str:
     sys.path.insert(0, str(REPO))
-    from trainer.netns import netns_available
+    from trainer.chaos.netns import netns_available
 
     return "netns" if netns_available()[0] else "proxy"
 

@@ -8,13 +8,15 @@ import subprocess
 import pytest
 from conftest import ROOT, cli
 
-import trainer.netns as netns
+import trainer.chaos.proxy as proxy
 from p2p.framing import MsgType
 from p2p.node import Node, NodeConfig
 from p2p.transport import TcpTransport, TransportError
-from trainer.chaos import Action, Driver, ScenarioError, check_target
-from trainer.netns import Bucket, ProxyNet, parse_rate
-from trainer.report import Views, analyse_faults, first_time, stall, training_intervals
+from trainer.chaos.driver import Driver, check_target
+from trainer.chaos.netns import parse_rate
+from trainer.chaos.proxy import Bucket, ProxyNet
+from trainer.chaos.report import Views, analyse_faults, first_time, stall, training_intervals
+from trainer.chaos.scenario import Action, ScenarioError
 
 # -- the proxy ---------------------------------------------------------------------------------
 
@@ -78,8 +80,8 @@ async def test_a_capped_link_paces_bytes_at_its_rate(monkeypatch):
         slept.append(seconds)
         clock[0] += seconds
 
-    monkeypatch.setattr(netns.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(netns.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(proxy.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(proxy.asyncio, "sleep", fake_sleep)
     bucket = Bucket(parse_rate("8mbit"))  # 1e6 bytes/s
     for _ in range(10):
         await bucket.take(200_000)

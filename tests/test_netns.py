@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import ROOT, cli
 
-from trainer.netns import (
+from trainer.chaos.netns import (
     NamespaceNet,
     NetnsConfig,
     cleanup_stale,

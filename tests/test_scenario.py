@@ -5,15 +5,16 @@ import subprocess
 import pytest
 from conftest import ROOT, cli
 
-from trainer.chaos import (
+from trainer.chaos.driver import parse_peer_flag
+from trainer.chaos.scenario import (
     ScenarioError,
     load_scenario,
-    parse_peer_flag,
     plan,
     scenario_from_flags,
 )
-from trainer.cli import build_parser, peer_config
+from trainer.cli import build_parser
 from trainer.config import ConfigError, load_toml
+from trainer.flags import peer_config
 
 NAMES = [f"peer-{i}" for i in range(4)]
 
@@ -308,7 +309,7 @@ def test_gossip_flags_reach_the_peer_config():
 
 def test_supervised_peers_wait_for_a_restart_before_leaving(tmp_path):
     """Under --restart-failed, finished peers linger long enough for a crashed one to return."""
-    from trainer.local import RESTART_GRACE, Child, peer_argv
+    from trainer.launch.local import RESTART_GRACE, Child, peer_argv
 
     args = build_parser().parse_args(["local", "--peers", "2", "--restart-failed"])
     child = Child(name="peer-1", index=1, addr="127.0.0.1:9", run_dir=tmp_path)

@@ -237,7 +237,7 @@ def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
 
 # -- the robustness report reads the task's headline metric ---------------------------------
 def test_report_compares_a_loss_headline_the_right_way_round() -> None:
-    from trainer.report import quality
+    from trainer.chaos.report import quality
 
     def peer(name: str, loss: float, restarts: int = 0) -> dict:
         return {"name": name, "status": "finished", "restarts": restarts,

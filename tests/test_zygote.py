@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from trainer.zygote import Zygote
+from trainer.launch.zygote import Zygote
 
 pytestmark = pytest.mark.real
 

@@ -99,6 +99,22 @@ class PeerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Defaults of the launchers (`local`, `run`); their flags read them from here."""
+
+    peers: int = 4
+    # Stop the whole run after this many seconds.
+    timeout: float = 3600.0
+    # Upper bound on a finished peer's linger: it leaves earlier, as soon as every live peer
+    # it sees has finished training too. Longer with faults: a restarted peer needs partners.
+    linger: float = 2.0
+    chaos_linger: float = 10.0
+    # With --restart-failed: seconds before a restart, and how many before giving up.
+    restart_delay: float = 1.0
+    max_restarts: int = 10
+
+
 # Variables through which `gossip-train run` tells each copy of a script where it stands
 # (read by trainer.own_loop.GossipOptimizer): GOSSIP_TRAIN_LISTEN, _JOIN, _RUN_DIR, ...
 ENV_PREFIX = "GOSSIP_TRAIN_"

@@ -304,7 +304,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-# Data sets loaded before forking (see trainer.zygote), shared copy-on-write by the peers.
+# Data sets loaded before forking (see trainer.launch.zygote), shared copy-on-write by the peers.
 _PRELOADED: dict[tuple[str, str | None], Dataset] = {}
 
 

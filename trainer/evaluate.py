@@ -129,6 +129,6 @@ def consensus(
 
 def run_config(args: Any) -> TrainConfig:
     """The TrainConfig a launcher's peers run with (flags over the defaults)."""
-    from .cli import train_overrides
+    from .flags import train_overrides
 
     return dataclasses.replace(TrainConfig(), **train_overrides(args))

@@ -264,8 +264,8 @@ class GossipOptimizer:
         from p2p.framing import Limits
         from p2p.transport import TcpTransport
 
-        from .cli import run_async
         from .peer import Peer, jsonl_reporter
+        from .runtime import run_async
 
         fd = _env("EVENTS_FD")
         report = None

@@ -4,10 +4,10 @@ Each peer is a ``gossip-train peer`` process (the same code users run across mac
 speaking real TCP on loopback. The launcher only starts them, reads the JSON events they
 print, shows progress, and at the end builds the consensus model from their final weights.
 
-With ``--netns`` every peer is a host of its own: a network namespace with its own IP address
-on a bridge (``trainer.netns``). With ``--chaos`` / ``--fault`` / ``--random`` the launcher also
-injects faults (``trainer.chaos``), through the namespaces or, without them, through a TCP
-proxy in this process; afterwards it writes the robustness report (``trainer.report``).
+With ``--netns`` every peer is a host of its own: a network namespace with its own IP
+address on a bridge (``trainer.chaos.netns``). With ``--chaos`` / ``--fault`` / ``--random``
+the launcher also injects faults (``trainer.chaos``), through the namespaces or, without them, through a TCP
+proxy in this process; afterwards it writes the robustness report (``trainer.chaos.report``).
 """
 
 from __future__ import annotations
@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chaos import Action, Driver, Scenario, check_target, load_scenario, plan, scenario_from_flags
-from .cli import TRAIN_KEYS
-from .config import ENV_PREFIX, default_threads
-from .netns import FaultNet, NamespaceNet, NetError, NetnsConfig, ProxyNet, netns_available
+from ..chaos.driver import Driver, check_target
+from ..chaos.netns import FaultNet, NamespaceNet, NetError, NetnsConfig, netns_available
+from ..chaos.proxy import ProxyNet
+from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_from_flags
+from ..config import ENV_PREFIX, LaunchConfig, default_threads
+from ..flags import TRAIN_KEYS
 from .zygote import Zygote, ZygoteChild
 
 GRACE_SECONDS = 5.0
 # Port every peer listens on inside its own namespace (each namespace has its own ports).
 NETNS_PORT = 7000
 # Default --linger of a run with faults (seconds); 2 s without.
-CHAOS_LINGER = 10.0
+CHAOS_LINGER = LaunchConfig.chaos_linger
 
 
 @dataclass
@@ -90,7 +92,7 @@ def launch_settings(
         "num_peers": str(n),
         "run_dir": str(child.run_dir),
         "threads": str(args.threads or default_threads(n)),
-        "linger": str(2.0 if args.linger is None else args.linger),
+        "linger": str(LaunchConfig.linger if args.linger is None else args.linger),
         "checkpoint_dir": str(child.run_dir / "checkpoints") if supervised else None,
         # A finished peer leaves once nobody trains; a peer that crashed near the end must
         # find someone to average with when it comes back (restart delay, fork, resume).
@@ -388,7 +390,7 @@ class LocalRun:
             ev["peer"] = child.name
         self.events.append(ev)
 
-    # -- the chaos target (trainer.chaos.Target) ----------------------------------------------
+    # -- the chaos target (trainer.chaos.driver.Target) --------------------------------------
     def _child(self, name: str) -> Child:
         return self.children[self.names.index(name)]
 
@@ -584,7 +586,7 @@ def last_error_line(log: Path) -> str:
 
 def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     """Consensus model, summary.json and the final table."""
-    from .evaluate import consensus, run_config
+    from ..evaluate import consensus, run_config
 
     args = run.args
     peers: list[dict[str, Any]] = []
@@ -721,7 +723,7 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from .cli import run_async
+    from ..runtime import run_async
 
     baseline = run_baseline(args)
     run = LocalRun(args)
@@ -742,7 +744,7 @@ def run_local(args: argparse.Namespace) -> int:
     summary = finish(run, time.time() - t0)
     print_table(summary, run.run_dir)
     if run.actions or baseline is not None:
-        from .report import write_report
+        from ..chaos.report import write_report
 
         report = write_report(run.run_dir, baseline, epsilon=args.epsilon)
         verdict = "all invariants hold" if report["invariants_ok"] else "INVARIANTS FAIL"

@@ -234,7 +234,7 @@ class Zygote:
         argv = [
             sys.executable,
             "-m",
-            "trainer.zygote",
+            "trainer.launch.zygote",
             "--fd",
             str(theirs.fileno()),
             "--dataset",

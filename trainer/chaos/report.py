@@ -8,7 +8,7 @@ run: each peer's accuracy against a no-fault baseline run with the same seed. In
 every live peer ended within epsilon of the consensus; nothing non-finite was ever trained
 on or saved; every checkpoint loads.
 
-    python -m trainer.report RUN_DIR [--baseline BASELINE_RUN_DIR] [--epsilon 0.05]
+    python -m trainer.chaos.report RUN_DIR [--baseline BASELINE_RUN_DIR] [--epsilon 0.05]
 
 Times are seconds on the launcher's clock (summary.json ``t``). A fault's accuracy impact
 cannot be separated from the other faults of the same run; the impact is the run's, and a
@@ -366,7 +366,7 @@ def quality(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[st
 def invariants(run_dir: Path, summary: dict[str, Any], epsilon: float) -> dict[str, Any]:
     import torch
 
-    from .checkpoint import CheckpointError, load_any, load_checkpoint, model_state
+    from ..checkpoint import CheckpointError, load_any, load_checkpoint, model_state
 
     def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([v.detach().reshape(-1).double() for v in state.values()])
@@ -560,7 +560,7 @@ def write_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m trainer.chaos.report", description=__doc__)
     p.add_argument("run_dir")
     p.add_argument("--baseline", help="run dir of the no-fault run with the same seed")
     p.add_argument("--epsilon", type=float, default=0.05)

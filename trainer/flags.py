@@ -1,0 +1,266 @@
+"""Command-line flags shared by the commands (`peer`, `local`, `run`, `eval`), and the one
+way they become a ``PeerConfig``. Defaults are not repeated here: a flag left out keeps the
+config dataclass's own default, and the help texts read it from there."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from gossip.exchange import GossipConfig
+
+from .config import CheckpointConfig, LaunchConfig, PeerConfig, TrainConfig
+from .runtime import UserError
+
+T, G, C, P, L = TrainConfig(), GossipConfig(), CheckpointConfig(), PeerConfig(), LaunchConfig()
+
+
+def add_task_arg(g: Any) -> None:
+    g.add_argument(
+        "--task",
+        metavar="NAME_OR_FILE",
+        help="what to train: a built-in task (classifier, shakespeare) or a task file "
+        "(my_task.py defining model() and data(peer, peers); see docs/api.md). "
+        "Default: classifier, set by --dataset and --model",
+    )
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    add_task_arg(g)
+    g.add_argument(
+        "--dataset",
+        choices=("default", "mnist", "fashion-mnist"),
+        help=f"data set (default {T.dataset}: the small MNIST subset shipped in the package)",
+    )
+    g.add_argument("--data-dir", help="folder with the IDX files for mnist / fashion-mnist")
+    g.add_argument(
+        "--model", choices=("mlp", "cnn"), help=f"model (default {T.model}; mlp is 784-128-10)"
+    )
+    g.add_argument(
+        "--partition", help=f"iid or dirichlet:ALPHA for non-iid shards (default {T.partition})"
+    )
+    g.add_argument(
+        "--epochs", type=float, help="passes over each peer's own shard (default: the task's, or 1)"
+    )
+    g.add_argument(
+        "--steps", type=int, help="local steps per peer; overrides --epochs (default: the task's)"
+    )
+    g.add_argument("--batch-size", type=int, help="minibatch size (default: the task's, or 32)")
+    g.add_argument(
+        "--lr", type=float, help="learning rate for the task's optimizer (default: the task's)"
+    )
+    g.add_argument(
+        "--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (default: off)"
+    )
+    g.add_argument(
+        "--loader-workers",
+        type=int,
+        metavar="N",
+        help=f"DataLoader worker processes fetching batches (default {T.loader_workers}: "
+        "the training thread)",
+    )
+    g.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default {T.device})")
+    g.add_argument("--seed", type=int, help=f"base seed (default {T.seed})")
+    g.add_argument(
+        "--threads", type=int, help="torch threads per peer (default max(1, cores // local peers))"
+    )
+    g.add_argument(
+        "--period", type=int, help=f"local steps between exchanges (default {G.period_steps})"
+    )
+    g.add_argument(
+        "--gossip-budget",
+        type=float,
+        metavar="SHARE",
+        help=f"CPU gossip may use while training, in cores (default {G.time_budget}; 0: no limit)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="STEPS",
+        help="evaluate the task's metrics every STEPS steps as 'eval' events (default: at the end)",
+    )
+
+
+def add_net_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument("--cluster", help="swarm name; peers of other clusters are refused")
+    g.add_argument(
+        "--profile",
+        choices=("local", "lan", "wan", "test"),
+        help=f"membership timing profile (default {P.profile})",
+    )
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, *dir_flag: str) -> None:
+    g = p.add_argument_group("checkpoints")
+    for flag in dir_flag:
+        g.add_argument(flag, help="folder for checkpoints; resumes from its newest good one")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help=f"checkpoint every this many steps (default {C.every_steps})",
+    )
+    g.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        metavar="SECONDS",
+        help=f"... or every this many seconds, whichever comes first (default {C.every_seconds:g})",
+    )
+    g.add_argument(
+        "--checkpoint-keep", type=int, metavar="K", help=f"checkpoint files kept (default {C.keep})"
+    )
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the launchers, `local` and `run`."""
+    p.add_argument(
+        "--peers", type=int, default=L.peers, help=f"number of peers (default {L.peers})"
+    )
+    p.add_argument("--run-dir", help="where results go (default runs/<date-time>)")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=0,
+        help="first port; peers use consecutive ports (default: free ports)",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        help="at most this many seconds a finished peer keeps averaging while others still "
+        f"train (default {L.linger:g}; {L.chaos_linger:g} with faults)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no live progress view")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=L.timeout,
+        help=f"stop the run after this many seconds (default {L.timeout:g})",
+    )
+    p.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="each peer checkpoints into RUN_DIR/peer-<i>/checkpoints",
+    )
+    p.add_argument(
+        "--restart-failed",
+        action="store_true",
+        help="restart a crashed peer from its checkpoint (implies --checkpoints); finished "
+        "peers then wait RESTART_DELAY + 5 s without training offers before they leave",
+    )
+    p.add_argument(
+        "--restart-delay",
+        type=float,
+        default=L.restart_delay,
+        help=f"seconds before a restart (default {L.restart_delay:g})",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=L.max_restarts,
+        metavar="N",
+        help=f"with --restart-failed, give up on a peer after N restarts "
+        f"(default {L.max_restarts})",
+    )
+
+
+# Flags of add_train_args that fill TrainConfig fields of the same name.
+TRAIN_KEYS = (
+    "task",
+    "steps",
+    "clip_grad",
+    "loader_workers",
+    "device",
+    "dataset",
+    "data_dir",
+    "model",
+    "partition",
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "threads",
+    "eval_every",
+)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+
+
+def peer_config(args: argparse.Namespace) -> Any:
+    from .config import PeerConfig, load_toml
+
+    cfg = load_toml(args.config) if getattr(args, "config", None) else PeerConfig()
+    top: dict[str, Any] = {}
+    for key in (
+        "listen",
+        "advertise",
+        "name",
+        "index",
+        "num_peers",
+        "run_dir",
+        "cluster",
+        "profile",
+        "join_timeout",
+    ):
+        if getattr(args, key, None) is not None:
+            top[key] = getattr(args, key)
+    if getattr(args, "allow_control", False):
+        top["allow_control"] = True
+    if getattr(args, "linger", None) is not None:
+        top["linger_seconds"] = args.linger
+    if getattr(args, "join", None):
+        top["join"] = tuple(a.strip() for a in args.join.split(",") if a.strip())
+    train = dataclasses.replace(cfg.train, **train_overrides(args))
+    ckpt: dict[str, Any] = {}
+    for flag, key in (
+        ("checkpoint_dir", "directory"),
+        ("checkpoint_every", "every_steps"),
+        ("checkpoint_seconds", "every_seconds"),
+        ("checkpoint_keep", "keep"),
+    ):
+        if getattr(args, flag, None) is not None:
+            ckpt[key] = getattr(args, flag)
+    top["checkpoint"] = dataclasses.replace(cfg.checkpoint, **ckpt)
+    gossip = cfg.gossip
+    if getattr(args, "period", None) is not None:
+        gossip = dataclasses.replace(gossip, period_steps=args.period)
+    if getattr(args, "gossip_budget", None) is not None:
+        gossip = dataclasses.replace(gossip, time_budget=args.gossip_budget)
+    if getattr(args, "linger_quiet", None) is not None:
+        gossip = dataclasses.replace(gossip, linger_quiet=args.linger_quiet)
+    return dataclasses.replace(cfg, train=train, gossip=gossip, **top)
+
+
+def validate(cfg: Any) -> None:
+    from p2p.transport import parse_addr
+
+    from .partition import parse_scheme
+
+    for addr in (cfg.listen, cfg.advertise, *cfg.join):
+        if addr is not None:
+            parse_addr(addr)
+    parse_scheme(cfg.train.partition)
+    if not 0 <= cfg.index < cfg.num_peers:
+        raise UserError(f"--index {cfg.index} must be in [0, --num-peers {cfg.num_peers})")
+    t = cfg.train
+    for flag, value in (
+        ("--epochs", t.epochs),
+        ("--steps", t.steps),
+        ("--batch-size", t.batch_size),
+        ("--lr", t.lr),
+    ):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    if (t.clip_grad or 0) < 0 or t.loader_workers < 0:
+        raise UserError("--clip-grad and --loader-workers must not be negative")
+    if cfg.gossip.period_steps < 1:
+        raise UserError("--period must be at least 1")
+    if not 0 <= cfg.gossip.time_budget <= 64:
+        raise UserError("--gossip-budget must be between 0 and 64 (cores)")
+    if cfg.gossip.linger_quiet < 0:
+        raise UserError("--linger-quiet must not be negative")

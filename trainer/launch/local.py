@@ -6,8 +6,9 @@ print, shows progress, and at the end builds the consensus model from their fina
 
 With ``--netns`` every peer is a host of its own: a network namespace with its own IP
 address on a bridge (``trainer.chaos.netns``). With ``--chaos`` / ``--fault`` / ``--random``
-the launcher also injects faults (``trainer.chaos``), through the namespaces or, without them, through a TCP
-proxy in this process; afterwards it writes the robustness report (``trainer.chaos.report``).
+the launcher also injects faults (``trainer.chaos``), through the namespaces or, without
+them, through a TCP proxy in this process; afterwards it writes the robustness report
+(``trainer.chaos.report``).
 """
 
 from __future__ import annotations

@@ -31,9 +31,14 @@ as the sender's own alive claim):
     ping_req  seq, target, target_addr, nack     -> ping target; relay its ack, or a nack
     nack      seq
     gossip    updates
-    push_pull members [[name, addr, incarnation, state], ...], reply, join
+    push_pull members [[name, addr, incarnation, state, meta], ...], reply, join
 
-An update is ``{"kind": "alive", "name", "addr", "inc"}``, ``{"kind": "suspect" | "dead",
+``meta`` is a short string a member says about itself (gossip-train: its phase, "finished"
+once it has trained its last step); it travels with every alive claim, the envelope's
+included, and changes only with a new incarnation (``set_meta``), so the newest wins.
+Optional on input: absent means "".
+
+An update is ``{"kind": "alive", "name", "addr", "inc", "meta"}``, ``{"kind": "suspect" | "dead",
 "name", "inc", "by"}`` or ``{"kind": "left", "name", "inc"}``.
 
 Anything malformed is dropped with one warning per kind of problem (later ones at debug level)
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 # Longest name or address accepted, in characters. With max_members entries a full-state
 # message stays well below the transport's 1 MiB header limit.
 MAX_NAME = 128
+# Longest member meta accepted, in characters.
+MAX_META = 64
 # Incarnations and sequence numbers must fit msgpack's unsigned 64-bit integers.
 MAX_INT = 2**63 - 1
 # Indirect probes we run for others at once; more are refused (a ping_req flood amplifies).
@@ -86,6 +93,7 @@ class Member:
     incarnation: int
     state: State
     since: float  # when the state last changed, on the owner's clock
+    meta: str = ""  # what the member says about itself (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -316,6 +324,14 @@ def _int(value: Any, key: str, top: int = MAX_INT) -> int:
     return value
 
 
+def _meta(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_META:
+        raise _Reject("bad field 'meta'", repr(value)[:80])
+    return value
+
+
 def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise _Reject(f"bad field {key!r}", repr(value)[:80])
@@ -328,7 +344,8 @@ def _list(value: Any, key: str) -> list[Any]:
     return value
 
 
-ParsedUpdate = tuple[str, str, str, int, str]  # kind, name, addr ("" unless alive), inc, by
+# kind, name, addr ("" unless alive), inc, by, meta ("" unless alive)
+ParsedUpdate = tuple[str, str, str, int, str, str]
 
 
 def _parse_update(raw: Any) -> ParsedUpdate:
@@ -338,20 +355,24 @@ def _parse_update(raw: Any) -> ParsedUpdate:
     name = _name(raw.get("name"), "name")
     inc = _int(raw.get("inc"), "inc")
     if kind == "alive":
-        return kind, name, _name(raw.get("addr"), "addr"), inc, name
+        return kind, name, _name(raw.get("addr"), "addr"), inc, name, _meta(raw.get("meta"))
     if kind in ("suspect", "dead"):
-        return kind, name, "", inc, _name(raw.get("by"), "by")
+        return kind, name, "", inc, _name(raw.get("by"), "by"), ""
     if kind == "left":
-        return kind, name, "", inc, name
+        return kind, name, "", inc, name, ""
     raise _Reject("unknown update kind", repr(kind)[:40])
 
 
-def _parse_entry(raw: Any) -> tuple[str, str, int, State]:
-    if not isinstance(raw, list) or len(raw) != 4:
+Entry = tuple[str, str, int, State, str]  # name, addr, incarnation, state, meta
+
+
+def _parse_entry(raw: Any) -> Entry:
+    if not isinstance(raw, list) or len(raw) not in (4, 5):
         raise _Reject("bad member entry", repr(raw)[:80])
-    name, addr, inc, state = raw
+    name, addr, inc, state = raw[:4]
     st = _int(state, "state", top=int(State.LEFT))
-    return _name(name, "name"), _name(addr, "addr"), _int(inc, "inc"), State(st)
+    meta = _meta(raw[4] if len(raw) == 5 else None)
+    return _name(name, "name"), _name(addr, "addr"), _int(inc, "inc"), State(st), meta
 
 
 class Swim:
@@ -365,6 +386,7 @@ class Swim:
         rng: random.Random,
         now: float,
         incarnation: int = 0,
+        meta: str = "",
     ) -> None:
         for key, value in (("name", name), ("addr", addr)):
             if not isinstance(value, str) or not value or len(value) > MAX_NAME:
@@ -375,7 +397,11 @@ class Swim:
         self.addr = addr
         self.config = config
         self._rng = rng
-        self._members: dict[str, Member] = {name: Member(name, addr, incarnation, State.ALIVE, now)}
+        if len(meta) > MAX_META:
+            raise ValueError(f"Swim meta must be at most {MAX_META} characters, got {meta!r}")
+        self._members: dict[str, Member] = {
+            name: Member(name, addr, incarnation, State.ALIVE, now, meta)
+        }
         self._addr_owner: dict[str, str] = {addr: name}
         self._live = 1  # members ALIVE or SUSPECT, self included
         self._live_cache: list[str] | None = None
@@ -411,6 +437,21 @@ class Swim:
     @property
     def incarnation(self) -> int:
         return self._members[self.name].incarnation
+
+    @property
+    def meta(self) -> str:
+        return self._members[self.name].meta
+
+    def set_meta(self, meta: str) -> None:
+        """Say something new about ourselves: a new incarnation carries it to everyone."""
+        if len(meta) > MAX_META:
+            raise ValueError(f"Swim meta must be at most {MAX_META} characters, got {meta!r}")
+        me = self._members[self.name]
+        if meta == me.meta or self._leaving:
+            return
+        me.meta = meta
+        me.incarnation = min(MAX_INT, me.incarnation + 1)
+        self._enqueue(self._self_alive())
 
     @property
     def health(self) -> int:
@@ -519,7 +560,7 @@ class Swim:
     def on_message(self, msg: object, now: float) -> list[Out]:
         """Handle one incoming message; anything malformed is dropped (see module doc)."""
         try:
-            kind, sender, addr, inc = self._envelope(msg)
+            kind, sender, addr, inc, meta = self._envelope(msg)
             handler = self._handlers.get(kind)
             if handler is None:
                 raise _Reject("unknown message type", repr(kind)[:40])
@@ -527,7 +568,7 @@ class Swim:
             if inc is not None:
                 # Every message is the sender's own word that it is alive at ``inc``: a ping
                 # from a newcomer introduces it, one from a refuted member clears it.
-                self._on_alive(sender, addr, inc, now)
+                self._on_alive(sender, addr, inc, now, meta)
             return handler(self, msg, sender, addr, now)
         except _Reject as e:
             self._note(e.category, e.detail)
@@ -572,7 +613,7 @@ class Swim:
 
     # -- input checks -------------------------------------------------------------------
 
-    def _envelope(self, msg: object) -> tuple[str, str, str, int | None]:
+    def _envelope(self, msg: object) -> tuple[str, str, str, int | None, str]:
         if not isinstance(msg, dict):
             raise _Reject("message is not a map", type(msg).__name__)
         kind = msg.get("type")
@@ -583,7 +624,8 @@ class Swim:
         if sender == self.name:
             raise _Reject("message claims our own name", f"{sender} at {addr}")
         inc = msg.get("inc")
-        return kind, sender, addr, None if inc is None else _int(inc, "inc")
+        meta = _meta(msg.get("meta"))
+        return kind, sender, addr, None if inc is None else _int(inc, "inc"), meta
 
     def _note(self, category: str, detail: str) -> None:
         """Count a dropped input; warn on the first of its kind only."""
@@ -607,9 +649,9 @@ class Swim:
         return [_parse_update(u) for u in raw]
 
     def _apply(self, updates: list[ParsedUpdate], now: float) -> None:
-        for kind, name, addr, inc, by in updates:
+        for kind, name, addr, inc, by, meta in updates:
             if kind == "alive":
-                self._on_alive(name, addr, inc, now)
+                self._on_alive(name, addr, inc, now, meta)
             elif kind == "suspect":
                 self._on_suspect(name, inc, by, now)
             else:
@@ -726,10 +768,10 @@ class Swim:
         "push_pull": _h_push_pull,
     }
 
-    def _merge(self, entries: list[tuple[str, str, int, State]], now: float) -> None:
-        for name, addr, inc, state in entries:
+    def _merge(self, entries: list[Entry], now: float) -> None:
+        for name, addr, inc, state, meta in entries:
             if state == State.ALIVE:
-                self._on_alive(name, addr, inc, now)
+                self._on_alive(name, addr, inc, now, meta)
             elif state == State.LEFT:
                 self._on_dead(name, inc, name, True, now)
             elif self.state_of(name) != State.SUSPECT:
@@ -740,13 +782,13 @@ class Swim:
 
     # -- state transitions --------------------------------------------------------------
 
-    def _on_alive(self, name: str, addr: str, inc: int, now: float) -> None:
+    def _on_alive(self, name: str, addr: str, inc: int, now: float, meta: str = "") -> None:
         if name == self.name:
             self._alive_about_self(addr, inc)
             return
         m = self._members.get(name)
         if m is None:
-            self._add_member(name, addr, inc, now)
+            self._add_member(name, addr, inc, now, meta)
             return
         if inc <= m.incarnation:
             return  # stale or a repeat
@@ -757,18 +799,18 @@ class Swim:
             if self._addr_taken(addr, name):
                 self._note("address claimed by another name", f"{addr} for {name}")
                 return
-        self._revive(m, addr, inc, now)
+        self._revive(m, addr, inc, now, meta)
 
-    def _add_member(self, name: str, addr: str, inc: int, now: float) -> None:
+    def _add_member(self, name: str, addr: str, inc: int, now: float, meta: str = "") -> None:
         if not self._may_add(name, addr):
             return
-        self._members[name] = Member(name, addr, inc, State.ALIVE, now)
+        self._members[name] = Member(name, addr, inc, State.ALIVE, now, meta)
         self._addr_owner[addr] = name
         self._live += 1
         self._live_cache = None
         self._order_insert(name)
-        self._event("joined", name, now, addr=addr, incarnation=inc)
-        self._enqueue({"kind": "alive", "name": name, "addr": addr, "inc": inc})
+        self._event("joined", name, now, addr=addr, incarnation=inc, **_meta_field(meta))
+        self._enqueue(_alive(name, addr, inc, meta))
 
     def _may_add(self, name: str, addr: str) -> bool:
         if len(self._members) >= self.config.max_members:
@@ -786,8 +828,8 @@ class Swim:
         m = self._members.get(owner)
         return m is not None and (m.state in LIVE or owner == self.name)
 
-    def _revive(self, m: Member, addr: str, inc: int, now: float) -> None:
-        old = m.state
+    def _revive(self, m: Member, addr: str, inc: int, now: float, meta: str = "") -> None:
+        old, old_meta = m.state, m.meta
         self._suspicions.pop(m.name, None)
         self._recent_dead.pop(m.name, None)
         if addr != m.addr:
@@ -796,12 +838,23 @@ class Swim:
             m.addr = addr
             self._addr_owner[addr] = m.name
         m.incarnation = inc
+        m.meta = meta
         if old != State.ALIVE:
             self._set_state(m, State.ALIVE, now)
             if old in GONE:
                 self._order_insert(m.name)
-            self._event("alive", m.name, now, addr=addr, incarnation=inc, previous=old.name.lower())
-        self._enqueue({"kind": "alive", "name": m.name, "addr": addr, "inc": inc})
+            self._event(
+                "alive",
+                m.name,
+                now,
+                addr=addr,
+                incarnation=inc,
+                previous=old.name.lower(),
+                **_meta_field(meta),
+            )
+        elif meta != old_meta:
+            self._event("meta", m.name, now, meta=meta, incarnation=inc)
+        self._enqueue(_alive(m.name, addr, inc, meta))
 
     def _alive_about_self(self, addr: str, inc: int) -> None:
         # An older incarnation loses anyway; refuting it would only bump ours again and again.
@@ -1093,11 +1146,14 @@ class Swim:
         return None
 
     def _push_pull_msg(self, *, reply: bool, join: bool) -> dict[str, Any]:
-        members = [[m.name, m.addr, m.incarnation, int(m.state)] for m in self._members.values()]
+        members = [
+            [m.name, m.addr, m.incarnation, int(m.state), *([m.meta] if m.meta else [])]
+            for m in self._members.values()
+        ]
         return self._env("push_pull", members=members, reply=reply, join=join)
 
     def _self_alive(self) -> Update:
-        return {"kind": "alive", "name": self.name, "addr": self.addr, "inc": self.incarnation}
+        return _alive(self.name, self.addr, self.incarnation, self.meta)
 
     def _env(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {
@@ -1105,5 +1161,14 @@ class Swim:
             "from": self.name,
             "addr": self.addr,
             "inc": self.incarnation,
+            **_meta_field(self.meta),
             **fields,
         }
+
+
+def _meta_field(meta: str) -> dict[str, str]:
+    return {"meta": meta} if meta else {}
+
+
+def _alive(name: str, addr: str, inc: int, meta: str) -> Update:
+    return {"kind": "alive", "name": name, "addr": addr, "inc": inc, **_meta_field(meta)}

@@ -153,37 +153,15 @@ class IncompatiblePeer(Exception):
 
 @dataclass(frozen=True)
 class GossipConfig:
-    # Start an exchange after this many local steps. Lower mixes faster but spends more CPU
-    # on copies and network; 20 steps of the seed MLP are ~20 ms of compute.
-    period_steps: int = 20
-    # While training, gossip may use at most this much CPU per second of wall time (0.1: a
-    # tenth of one core), counting the exchanges a peer answers as well as those it starts.
-    # Over it, the next exchange waits until the peer is back within it (saved-up credit
-    # is capped at a few seconds' worth). Bounds the overhead for big models and busy
-    # peers; 0 disables it.
-    time_budget: float = 0.1
     # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
     # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
     deadline_base: float = 2.0
     deadline_min_rate: float = 20e6
-    # After training, a peer keeps averaging every this many seconds while it lingers (or
-    # every half period, if that is longer).
-    linger_interval: float = 0.05
-    # A lingering peer leaves once no peer that is still training has offered an exchange
-    # for this many seconds, and at least three of its own periods (training peers offer
-    # about once a period: many times a second for the seed MLP, every few seconds for a
-    # transformer; see trainer.peer.linger_pace), so the last peer to finish still has
-    # partners to average with ...
-    linger_quiet: float = 2.0
-    # ... but never lingers longer than this.
-    linger_max: float = 600.0
     # Seconds to wait for a neighbour to accept or decline an offer. A paused peer's kernel
     # still takes our bytes; this is what notices it never answers.
     accept_timeout: float = 2.0
     # Connections to neighbours kept open between exchanges (least recently used dropped).
     max_connections: int = 16
-    # Neighbours tried per round before giving up until the next period.
-    max_attempts: int = 3
     guard: UpdateGuard = field(default_factory=UpdateGuard)
 
     def deadline(self, nbytes: int) -> float:

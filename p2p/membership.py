@@ -134,6 +134,12 @@ class Membership:
             self._stop = True
             self._wake.set()
 
+    def set_meta(self, meta: str) -> None:
+        """Say ``meta`` about ourselves (see ``Swim.set_meta``); it goes out with the next
+        gossip round."""
+        self.swim.set_meta(meta)
+        self._wake.set()
+
     def alive_addrs(self) -> list[tuple[str, str]]:
         """(name, addr) of every member not known dead or left, self excluded."""
         return [(m.name, m.addr) for m in self.swim.alive()]

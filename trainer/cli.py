@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .chaos import driver as chaos
+from .config import PeerConfig
 from .flags import (
     add_checkpoint_args,
     add_launcher_args,
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
     p = sub.add_parser("peer", help="run one peer (one per machine, or by hand)")
-    p.add_argument("--config", help="TOML file with peer settings (flags override it)")
+    p.add_argument(
+        "--config",
+        help="TOML (or a launcher's JSON) file with peer settings; flags override it",
+    )
     p.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:0)")
     p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
     p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
@@ -83,14 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--linger",
         type=float,
-        help="after training, keep averaging at least this long and while others still train",
-    )
-    p.add_argument(
-        "--linger-quiet",
-        type=float,
-        metavar="SECONDS",
-        help="a finished peer leaves once no training peer has offered an exchange for this "
-        "long (default 2)",
+        help="after training, keep averaging while some live peer still trains, at most this "
+        f"many seconds (default {PeerConfig().linger_seconds:g}: leave at once)",
     )
     p.add_argument(
         "--allow-control",
@@ -101,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--events",
         choices=("none", "jsonl"),
         default="none",
-        help="jsonl: write machine-readable events to stdout",
+        help="jsonl: also write the events (always in RUN_DIR/events.jsonl) to stdout",
+    )
+    p.add_argument(
+        "--events-fd",
+        type=int,
+        metavar="FD",
+        help="also write the events to this open file descriptor, best effort (launchers)",
     )
     add_train_args(p)
     add_net_args(p)
@@ -124,27 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    import torch
-
-    from p2p.framing import Limits
-    from p2p.transport import TcpTransport
-
-    from .config import default_threads
-    from .loop import Trainer
-    from .peer import Peer, jsonl_reporter
+    from .peer import run_peer
 
     cfg = peer_config(args)
     validate(cfg)
-    torch.set_num_threads(cfg.train.threads or default_threads(1))
-    trainer = Trainer(cfg.train, cfg.index, cfg.num_peers)
-    if args.events != "jsonl":
-        print(f"task {trainer.task.name}: {trainer.total_steps} steps", file=sys.stderr)
-    report = jsonl_reporter() if args.events == "jsonl" else None
-    # No frame may be larger than a model's weights plus headroom: a garbage length from a
-    # neighbour can then never make this peer allocate more than that.
-    limits = Limits(max_payload=max(64 << 20, 2 * trainer.weights.nbytes))
-    peer = Peer(cfg, trainer, TcpTransport(limits), report)
-    result = run_async(peer.run())
+    fd = args.events_fd if args.events_fd is not None else (1 if args.events == "jsonl" else None)
+    result = run_peer(cfg, fd, quiet=args.events == "jsonl")
     if args.events != "jsonl":
         shown = ", ".join(f"{k} {v:.4f}" for k, v in (result["metrics"] or {}).items())
         print(

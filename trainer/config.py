@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gossip.agent import AgentConfig
 from gossip.exchange import GossipConfig
+from gossip.policy import ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,33 @@ class PeerConfig:
     run_dir: str = "runs/peer"
     # Membership profile: local, lan, wan or test.
     profile: str = "local"
-    # After training, keep averaging at least this long, and on until no peer that is still
-    # training has offered an exchange for GossipConfig.linger_quiet seconds: slower peers
-    # keep partners, and every finished peer ends near the consensus. 0: leave at once.
+    # After training, keep averaging while some live peer still trains (so slower peers keep
+    # partners, and every finished peer ends near the consensus), at most this long; a peer
+    # leaves as soon as every live peer it sees has finished. 0: leave at once.
     linger_seconds: float = 0.0
     # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
     # anyone who can reach the port could otherwise slow this peer down.
     allow_control: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def agent_config(self) -> AgentConfig:
+        """What the gossip agent reads (gossip.agent.AgentConfig)."""
+        return AgentConfig(
+            name=self.name,
+            listen=self.listen,
+            advertise=self.advertise,
+            join=self.join,
+            join_timeout=self.join_timeout,
+            cluster=self.cluster,
+            profile=self.profile,
+            linger_seconds=self.linger_seconds,
+            seed=self.train.seed * 1000 + self.index,
+            gossip=self.gossip,
+            schedule=self.schedule,
+        )
 
 
 @dataclass(frozen=True)
@@ -145,11 +165,30 @@ def _fill(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def load_toml(path: str | Path) -> PeerConfig:
-    """A PeerConfig from a TOML file: top-level peer keys, [train], [gossip], [checkpoint]."""
+    """A PeerConfig from a TOML file (top-level peer keys, [train], [gossip], [schedule],
+    [checkpoint]) or from the JSON a launcher writes (``save_config``): same keys."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError(f"config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: not a table of settings")
     return _fill(PeerConfig, data, str(path))
+
+
+load_config = load_toml
+
+
+def save_config(cfg: PeerConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as JSON, atomically: what a launcher hands each peer it starts."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

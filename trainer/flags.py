@@ -8,12 +8,12 @@ import argparse
 import dataclasses
 from typing import Any
 
-from gossip.exchange import GossipConfig
+from gossip.policy import ScheduleConfig
 
 from .config import CheckpointConfig, LaunchConfig, PeerConfig, TrainConfig
 from .runtime import UserError
 
-T, G, C, P, L = TrainConfig(), GossipConfig(), CheckpointConfig(), PeerConfig(), LaunchConfig()
+T, G, C, P, L = TrainConfig(), ScheduleConfig(), CheckpointConfig(), PeerConfig(), LaunchConfig()
 
 
 def add_task_arg(g: Any) -> None:
@@ -226,14 +226,12 @@ def peer_config(args: argparse.Namespace) -> Any:
         if getattr(args, flag, None) is not None:
             ckpt[key] = getattr(args, flag)
     top["checkpoint"] = dataclasses.replace(cfg.checkpoint, **ckpt)
-    gossip = cfg.gossip
+    schedule = cfg.schedule
     if getattr(args, "period", None) is not None:
-        gossip = dataclasses.replace(gossip, period_steps=args.period)
+        schedule = dataclasses.replace(schedule, period_steps=args.period)
     if getattr(args, "gossip_budget", None) is not None:
-        gossip = dataclasses.replace(gossip, time_budget=args.gossip_budget)
-    if getattr(args, "linger_quiet", None) is not None:
-        gossip = dataclasses.replace(gossip, linger_quiet=args.linger_quiet)
-    return dataclasses.replace(cfg, train=train, gossip=gossip, **top)
+        schedule = dataclasses.replace(schedule, time_budget=args.gossip_budget)
+    return dataclasses.replace(cfg, train=train, schedule=schedule, **top)
 
 
 def validate(cfg: Any) -> None:
@@ -258,9 +256,9 @@ def validate(cfg: Any) -> None:
             raise UserError(f"{flag} must be positive, got {value}")
     if (t.clip_grad or 0) < 0 or t.loader_workers < 0:
         raise UserError("--clip-grad and --loader-workers must not be negative")
-    if cfg.gossip.period_steps < 1:
+    if cfg.schedule.period_steps < 1:
         raise UserError("--period must be at least 1")
-    if not 0 <= cfg.gossip.time_budget <= 64:
+    if not 0 <= cfg.schedule.time_budget <= 64:
         raise UserError("--gossip-budget must be between 0 and 64 (cores)")
-    if cfg.gossip.linger_quiet < 0:
-        raise UserError("--linger-quiet must not be negative")
+    if cfg.linger_seconds < 0:
+        raise UserError("--linger must not be negative")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import ENV_PREFIX, CheckpointConfig, PeerConfig
+from .config import ENV_PREFIX, LaunchConfig, PeerConfig, load_config
 from .loop import BOUND_CHECK_EVERY, StepInfo, TrainerBase
 
 log = logging.getLogger(__name__)
@@ -140,51 +140,47 @@ def _env(key: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+# GossipOptimizer's keyword arguments that set PeerConfig fields of the same name.
+TOP_KEYS = (
+    "listen", "advertise", "name", "index", "num_peers", "run_dir", "cluster", "profile",
+    "join_timeout", "allow_control",
+)  # fmt: skip
+CHECKPOINT_KEYS = {
+    "checkpoint_dir": "directory",
+    "checkpoint_every": "every_steps",
+    "checkpoint_seconds": "every_seconds",
+    "checkpoint_keep": "keep",
+}
 
 
 def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
-    """PeerConfig from keyword arguments, then ``gossip-train run``'s variables, then defaults."""
-    base = PeerConfig()
-
-    def pick(key: str, default: Any = None) -> Any:
-        """The keyword argument, else the launcher's GOSSIP_TRAIN_<KEY>, else ``default``."""
-        return _first(kw.get(key), _env(key.upper()), default)
-
-    join = pick("join")
-    if isinstance(join, str):
-        join = tuple(a.strip() for a in join.split(",") if a.strip())
-    ckpt_defaults = CheckpointConfig()
-    ckpt = CheckpointConfig(
-        directory=pick("checkpoint_dir"),
-        every_steps=int(pick("checkpoint_every", ckpt_defaults.every_steps)),
-        every_seconds=float(pick("checkpoint_seconds", ckpt_defaults.every_seconds)),
-        keep=int(pick("checkpoint_keep", ckpt_defaults.keep)),
-    )
-    gossip = base.gossip
-    period, quiet = pick("period"), pick("linger_quiet")
-    if period is not None:
-        gossip = dataclasses.replace(gossip, period_steps=int(period))
-    if quiet is not None:
-        gossip = dataclasses.replace(gossip, linger_quiet=float(quiet))
-    allow = _first(kw.get("allow_control"), _env("ALLOW_CONTROL") == "1" or None, False)
+    """PeerConfig for a GossipOptimizer: the file a launcher wrote (GOSSIP_TRAIN_CONFIG, by
+    ``gossip-train run``) or the defaults, then the keyword arguments over it."""
+    path = _env("CONFIG")
+    if path is not None:
+        base = load_config(path)
+    else:
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        base = PeerConfig(
+            index=int(rank), num_peers=int(world), linger_seconds=LaunchConfig.linger
+        )
+    top: dict[str, Any] = {k: kw[k] for k in TOP_KEYS if kw.get(k) is not None}
+    join = kw.get("join")
+    if join is not None:
+        if isinstance(join, str):
+            join = [a.strip() for a in join.split(",") if a.strip()]
+        top["join"] = tuple(join)
+    if kw.get("linger") is not None:
+        top["linger_seconds"] = float(kw["linger"])
+    ckpt = {CHECKPOINT_KEYS[k]: kw[k] for k in CHECKPOINT_KEYS if kw.get(k) is not None}
+    schedule = base.schedule
+    if kw.get("period") is not None:
+        schedule = dataclasses.replace(schedule, period_steps=int(kw["period"]))
     return dataclasses.replace(
         base,
-        name=pick("name", ""),
-        listen=pick("listen", base.listen),
-        advertise=pick("advertise"),
-        join=tuple(join or ()),
-        join_timeout=float(_first(kw.get("join_timeout"), base.join_timeout)),
-        cluster=pick("cluster", base.cluster),
-        index=int(pick("index", os.environ.get("RANK", 0))),
-        num_peers=int(pick("num_peers", os.environ.get("WORLD_SIZE", 1))),
-        run_dir=pick("run_dir", base.run_dir),
-        profile=pick("profile", base.profile),
-        linger_seconds=float(pick("linger", 2.0)),
-        allow_control=bool(allow),
-        checkpoint=ckpt,
-        gossip=gossip,
+        checkpoint=dataclasses.replace(base.checkpoint, **ckpt),
+        schedule=schedule,
+        **top,
     )
 
 
@@ -201,8 +197,8 @@ class GossipOptimizer:
     Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
     ``checkpoint_every``, ``checkpoint_seconds``, ``checkpoint_keep``, ``period``,
-    ``linger``, ``linger_quiet``, ``cluster``, ``profile``, ``join_timeout``,
-    ``allow_control``.
+    ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``allow_control``. Under
+    ``gossip-train run`` they start from the settings the launcher wrote for this copy.
     """
 
     def __init__(
@@ -221,8 +217,7 @@ class GossipOptimizer:
         known = {
             "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
             "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "checkpoint_keep",
-            "period", "linger",
-            "linger_quiet", "cluster", "profile", "join_timeout", "allow_control",
+            "period", "linger", "cluster", "profile", "join_timeout", "allow_control",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -264,18 +259,19 @@ class GossipOptimizer:
         from p2p.framing import Limits
         from p2p.transport import TcpTransport
 
-        from .peer import Peer, jsonl_reporter
+        from .peer import Peer, open_events
         from .runtime import run_async
 
         fd = _env("EVENTS_FD")
-        report = None
-        if fd is not None:
-            report = _best_effort(jsonl_reporter(os.fdopen(int(fd), "w", buffering=1)))
         limits = Limits(max_payload=max(64 << 20, 2 * self.loop.weights.nbytes))
-        peer = Peer(self.config, self.loop, TcpTransport(limits), report)
-        self.peer = peer
         try:
-            self._result = run_async(peer.run())
+            events = open_events(self.config.run_dir, int(fd) if fd is not None else None)
+            peer = Peer(self.config, self.loop, TcpTransport(limits), events)
+            self.peer = peer
+            try:
+                self._result = run_async(peer.run())
+            finally:
+                events.close()
         except BaseException as exc:  # noqa: BLE001 - handed to the user's thread
             self._error = exc
             self.loop.started.set()  # nobody waits forever on a peer that never started
@@ -320,7 +316,7 @@ class GossipOptimizer:
         if not self._closed:
             self._closed = True
             self.loop.stop.set()
-            limit = timeout or self.config.gossip.linger_max + 60.0
+            limit = timeout or self.config.linger_seconds + 60.0
             self._thread.join(limit)
             if self._thread.is_alive():
                 raise GossipError(f"the gossip peer did not finish within {limit:.0f} s")
@@ -334,20 +330,3 @@ class GossipOptimizer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _best_effort(report: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
-    """A reporter whose broken channel is noted once and never raised into the peer."""
-    broken = False
-
-    def send(event: dict[str, Any]) -> None:
-        nonlocal broken
-        if broken:
-            return
-        try:
-            report(event)
-        except (OSError, ValueError) as exc:
-            broken = True
-            log.warning("event channel closed (%s); events are no longer reported", exc)
-
-    return send

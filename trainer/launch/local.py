@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,13 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gossip.events import EventFile
+
 from ..chaos.driver import Driver, check_target
 from ..chaos.netns import FaultNet, NamespaceNet, NetError, NetnsConfig, netns_available
 from ..chaos.proxy import ProxyNet
 from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_from_flags
-from ..config import ENV_PREFIX, LaunchConfig, default_threads
-from ..flags import TRAIN_KEYS
-from .zygote import Zygote, ZygoteChild
+from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
+from ..flags import peer_config
+from . import summary as run_summary
+from .zygote import Zygote, ZygoteChild, ZygoteError, become_subreaper
+
+log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 5.0
 # Port every peer listens on inside its own namespace (each namespace has its own ports).
@@ -74,83 +81,44 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-# Seconds beyond --restart-delay that finished peers wait for a restarted one to train again.
-RESTART_GRACE = 5.0
-
-
-def launch_settings(
-    args: argparse.Namespace, child: Child, n: int, seeds: list[str]
-) -> dict[str, str | None]:
-    """What the launcher tells each peer it starts, by flag (``peer``) or by variable
-    (``run``): the key is the flag's name and, upper-cased, the variable's. None: not set."""
+def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> Any:
+    """The complete PeerConfig of one launched peer: the run's flags (the same translation
+    `gossip-train peer` uses) plus where this peer stands. Written to its config.json."""
+    base = peer_config(args)
     supervised = args.checkpoints or args.restart_failed
-    return {
-        "listen": child.listen or child.addr,
-        "advertise": child.addr if child.listen else None,
-        "join": ",".join(seeds) or None,
-        "name": child.name,
-        "index": str(child.index),
-        "num_peers": str(n),
-        "run_dir": str(child.run_dir),
-        "threads": str(args.threads or default_threads(n)),
-        "linger": str(LaunchConfig.linger if args.linger is None else args.linger),
-        "checkpoint_dir": str(child.run_dir / "checkpoints") if supervised else None,
-        # A finished peer leaves once nobody trains; a peer that crashed near the end must
-        # find someone to average with when it comes back (restart delay, fork, resume).
-        "linger_quiet": str(max(2.0, args.restart_delay + RESTART_GRACE))
-        if args.restart_failed
-        else None,
-        **{
-            key: _flag(args, key)
-            for key in (
-                "checkpoint_every",
-                "checkpoint_seconds",
-                "checkpoint_keep",
-                "period",
-                "cluster",
-                "profile",
-            )
-        },
-    }
+    checkpoint = base.checkpoint
+    if supervised:
+        checkpoint = dataclasses.replace(checkpoint, directory=str(child.run_dir / "checkpoints"))
+    return dataclasses.replace(
+        base,
+        listen=child.listen or child.addr,
+        advertise=child.addr if child.listen else None,
+        join=tuple(seeds),
+        name=child.name,
+        index=child.index,
+        num_peers=n,
+        run_dir=str(child.run_dir),
+        linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
+        allow_control=bool(getattr(args, "allow_control", False)),
+        checkpoint=checkpoint,
+        train=dataclasses.replace(base.train, threads=args.threads or default_threads(n)),
+    )
 
 
-def _flag(args: argparse.Namespace, name: str) -> str | None:
-    value = getattr(args, name, None)
-    return None if value is None else str(value)
-
-
-def peer_argv(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> list[str]:
-    argv = [*child.wrap, sys.executable, "-m", "trainer.cli", "peer", "--events", "jsonl"]
-    for key, value in launch_settings(args, child, n, seeds).items():
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), value]
-    if getattr(args, "allow_control", False):
-        argv += ["--allow-control"]
-    for key in ("gossip_budget", *(k for k in TRAIN_KEYS if k != "threads")):
-        value = _flag(args, key)
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), value]
-    return argv
-
-
-def script_env(
-    args: argparse.Namespace, child: Child, n: int, seeds: list[str], events_fd: int
-) -> dict[str, str]:
+def script_env(child: Child, n: int, config: Path, events_fd: int, threads: int) -> dict[str, str]:
     """The environment of one copy of a `gossip-train run` script: torchrun's variables
-    (so existing sharding code works) and the GOSSIP_TRAIN_* ones GossipOptimizer reads."""
-    ours = launch_settings(args, child, n, seeds)
-    ours["events_fd"] = str(events_fd)
-    ours["allow_control"] = "1" if getattr(args, "allow_control", False) else None
-    threads = ours["threads"] or "1"
+    (so existing sharding code works), and where GossipOptimizer finds its settings."""
     return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": threads,
+        "OMP_NUM_THREADS": str(threads),
         "RANK": str(child.index),
         "WORLD_SIZE": str(n),
         "LOCAL_RANK": str(child.index),
         "LOCAL_WORLD_SIZE": str(n),
-        **{ENV_PREFIX + key.upper(): value or "" for key, value in ours.items()},
+        ENV_PREFIX + "CONFIG": str(config),
+        ENV_PREFIX + "EVENTS_FD": str(events_fd),
+        ENV_PREFIX + "THREADS": str(threads),
     }
 
 
@@ -186,9 +154,8 @@ class LocalRun:
             c.control = c.addr
         self.names = names
         self.net: FaultNet | None = None
-        self.events: list[dict[str, Any]] = []
-        self.progress: list[dict[str, Any]] = []
         self.t0 = time.time()
+        self.log_file = EventFile(self.run_dir / run_summary.LAUNCHER_EVENTS)
         self.tty = sys.stderr.isatty() and not args.no_progress
         self.stopping = False
         self._drawn = 0
@@ -223,6 +190,25 @@ class LocalRun:
         for c, front in zip(self.children, fronts, strict=True):
             c.listen, c.addr, c.control = c.addr, front, c.addr
 
+    def write_run(self) -> None:
+        """RUN_DIR/run.json: what `gossip-train summary` needs to rebuild this run's summary."""
+        chaos = None
+        if self.actions:
+            chaos = {"seed": self.chaos_seed, "plan": [a.to_json() for a in self.actions]}
+        run_summary.start_run(
+            self.run_dir,
+            {
+                "config": {k: v for k, v in vars(self.args).items() if k != "func"},
+                "script": bool(self.script),
+                "peers": [
+                    {"name": c.name, "addr": c.addr, "dir": c.run_dir.name} for c in self.children
+                ],
+                "network": self.net.describe() if self.net is not None else {"mode": self.mode},
+                "chaos": chaos,
+            },
+            ts=self.t0,
+        )
+
     def write_peers(self) -> None:
         """RUN_DIR/peers.json: what `gossip-train chaos --run-dir` needs to act on this run."""
         info = {
@@ -247,21 +233,16 @@ class LocalRun:
 
     # -- events --------------------------------------------------------------------------------
     def event(self, child: Child, ev: dict[str, Any]) -> None:
-        ts = ev.pop("ts", None)
-        ev["t"] = round((ts or time.time()) - self.t0, 3)
-        ev.setdefault("peer", child.name)
+        """One event from a peer's channel: for the live view only (its file has it all)."""
         kind = ev.get("kind")
         if kind == "progress":
             child.last = ev
-            self.progress.append(ev)
-            return
-        if kind == "finished":
+        elif kind == "finished":
             child.result = ev
-        if kind == "started":
+        elif kind == "started":
             child.status = "training"
             if all(c.status == "training" for c in self.children):
                 self._all_started.set()
-        self.events.append(ev)
 
     async def _read(self, child: Child) -> None:
         assert child.events is not None
@@ -278,67 +259,74 @@ class LocalRun:
 
     async def _start(self, child: Child, seeds: list[str]) -> None:
         child.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = peer_config_for(self.args, child, len(self.children), seeds)
+        config = save_config(cfg, child.run_dir / "config.json")
         if self.script:
-            await self._start_script(child, seeds)
+            await self._start_script(child, config, cfg.train.threads)
         else:
-            await self._start_peer(child, seeds)
+            await self._start_peer(child, config)
         child.started = time.time()
         child.chaos_killed = False
-        self.events.append(
-            {
-                "t": round(child.started - self.t0, 3),
-                "peer": child.name,
-                "kind": "spawned",
-                "pid": child.proc.pid if child.proc is not None else None,
-            }
-        )
+        self.note(child, "spawned", pid=child.proc.pid if child.proc is not None else None)
         self.write_peers()
 
-    async def _start_peer(self, child: Child, seeds: list[str]) -> None:
-        """A `gossip-train peer` process; its events are its stdout (stderr goes to log.txt)."""
-        argv = peer_argv(self.args, child, len(self.children), seeds)
-        if self.zygote is not None:
-            # Same `gossip-train peer` argv, forked from the pre-loaded zygote.
-            child.proc = await self.zygote.spawn(argv[3:], str(child.run_dir / "log.txt"))
-        else:
-            log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            child.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=env,
-                start_new_session=True,
+    def _zygote_ok(self) -> bool:
+        z = self.zygote
+        if z is not None and not z.alive:
+            self.zygote = None
+            self.note(None, "zygote_exited", returncode=z.returncode)
+            print(
+                "gossip-train: the peer zygote exited; peers start as fresh processes now",
+                file=sys.stderr,
             )
-            log.close()
-        child.events = child.proc.stdout
+        return self.zygote is not None
 
-    async def _start_script(self, child: Child, seeds: list[str]) -> None:
-        """`gossip-train run`: the user's script, told where it stands by its environment;
-        its events come back on a pipe of their own (its stdout and stderr go to log.txt)."""
+    async def _start_peer(self, child: Child, config: Path) -> None:
+        """A `gossip-train peer --config CONFIG` process: forked from the zygote while it
+        lives, else a fresh one. Its events come on a pipe of their own (best effort: the
+        peer never waits on it); its stdout and stderr go to log.txt."""
+        log_path = child.run_dir / "log.txt"
+        if self._zygote_ok():
+            assert self.zygote is not None
+            try:
+                child.proc, child.events = await self.zygote.spawn(str(config), str(log_path))
+                return
+            except ZygoteError as exc:
+                log.warning("zygote spawn failed (%s); starting a fresh process", exc)
+                self._zygote_ok()
+        read_fd, write_fd = os.pipe()
+        argv = [*child.wrap, sys.executable, "-m", "trainer.cli", "peer", "--config", str(config)]
+        argv += ["--events-fd", str(write_fd)]
+        child.proc = await self._exec(argv, log_path, write_fd, {})
+        child.events = await _pipe_reader(read_fd)
+
+    async def _start_script(self, child: Child, config: Path, threads: int) -> None:
+        """`gossip-train run`: the user's script, told where its settings are by its
+        environment; its events come back on a pipe of their own."""
         assert self.script is not None
         read_fd, write_fd = os.pipe()
-        log = open(child.run_dir / "log.txt", "ab")  # noqa: SIM115 - owned by the child
+        env = script_env(child, len(self.children), config, write_fd, threads)
+        argv = [*child.wrap, sys.executable, *self.script]
+        child.proc = await self._exec(argv, child.run_dir / "log.txt", write_fd, env)
+        child.events = await _pipe_reader(read_fd)
+
+    async def _exec(
+        self, argv: list[str], log_path: Path, events_fd: int, env: dict[str, str]
+    ) -> asyncio.subprocess.Process:
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
-            child.proc = await asyncio.create_subprocess_exec(
-                *child.wrap,
-                sys.executable,
-                *self.script,
+            return await asyncio.create_subprocess_exec(
+                *argv,
                 stdout=log,
                 stderr=log,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=script_env(self.args, child, len(self.children), seeds, write_fd),
-                pass_fds=(write_fd,),
+                env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+                pass_fds=(events_fd,),
                 start_new_session=True,
             )
         finally:
             log.close()
-            os.close(write_fd)
-        reader = asyncio.StreamReader(limit=1 << 20)
-        await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
-        child.events = reader
+            os.close(events_fd)
 
     def _seeds_for(self, child: Child) -> list[str]:
         return [c.addr for c in self.children if c is not child]
@@ -356,9 +344,7 @@ class LocalRun:
                 child.status = str(child.result.get("status", "finished"))
                 return
             child.status = "killed" if child.chaos_killed else "failed"
-            self.note(
-                child, "exited", returncode=rc, error=last_error_line(child.run_dir / "log.txt")
-            )
+            self.note(child, "exited", returncode=rc, chaos=child.chaos_killed)
             if child.restart_now and not self.stopping:
                 child.restart_now = False  # an injected restart: at once, supervised or not
             # Exit status 2 is a user error (bad flags, data): restarting cannot fix it.
@@ -386,10 +372,11 @@ class LocalRun:
         task.add_done_callback(self._waiters.discard)
 
     def note(self, child: Child | None, kind: str, **fields: Any) -> None:
-        ev = {"t": round(time.time() - self.t0, 3), "kind": kind, **fields}
+        """One of the launcher's own events, appended to RUN_DIR/launcher.jsonl."""
+        ev = {"ts": round(time.time(), 6), "kind": kind, **fields}
         if child is not None:
             ev["peer"] = child.name
-        self.events.append(ev)
+        self.log_file(ev)
 
     # -- the chaos target (trainer.chaos.driver.Target) --------------------------------------
     def _child(self, name: str) -> Child:
@@ -462,6 +449,8 @@ class LocalRun:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             assert main is not None
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        # Orphans (a dead zygote's peers) become ours, so we collect how they end.
+        become_subreaper()
         zygote = self.mode != "netns" and not getattr(self.args, "no_zygote", False)
         if zygote and not self.script:
             # A peer in a namespace must be exec'd there; everywhere else, fork them warm.
@@ -473,6 +462,7 @@ class LocalRun:
         if self.mode == "proxy":
             await self._make_proxy()
         check_target(self.actions, self.net, "--chaos")
+        self.write_run()
         self.note(None, "network", mode=self.mode, peers={c.name: c.addr for c in self.children})
         for c in self.children:
             # Every later peer may join through any earlier one: the first that answers wins.
@@ -486,7 +476,7 @@ class LocalRun:
                 while self._waiters:
                     await asyncio.wait(set(self._waiters))
         except TimeoutError:
-            self.events.append({"t": round(time.time() - self.t0, 3), "kind": "timeout"})
+            self.note(None, "timeout")
         finally:
             view.cancel()
             if chaos is not None:
@@ -574,113 +564,18 @@ class LocalRun:
         sys.stderr.flush()
 
 
-def last_error_line(log: Path) -> str:
-    try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        if "error" in line.lower():
-            return line.strip()
-    return lines[-1].strip() if lines else ""
-
-
 def finish(run: LocalRun, wall: float) -> dict[str, Any]:
-    """Consensus model, summary.json and the final table."""
-    from ..evaluate import consensus, run_config
-
-    args = run.args
-    peers: list[dict[str, Any]] = []
-    for c in run.children:
-        r = c.result or {}
-        peers.append(
-            {
-                "name": c.name,
-                "addr": c.addr,
-                "status": c.status,
-                "metrics": r.get("metrics"),
-                "test_accuracy": r.get("test_accuracy"),
-                "steps": r.get("steps"),
-                "samples": r.get("samples"),
-                "exchanges": r.get("exchanges"),
-                "bytes_sent": r.get("bytes_sent"),
-                "bytes_received": r.get("bytes_received"),
-                "wall_seconds": r.get("wall_seconds"),
-                "final_model": r.get("final_model"),
-                "rejected_updates": r.get("rejected_updates"),
-                "restarts": c.restarts,
-            }
-        )
-    # Weighted by samples seen (by steps where an own loop does not count samples).
-    finished = [
-        (Path(p["final_model"]), float(p["samples"] or p["steps"] or 0))
-        for p in peers
-        if p["status"] == "finished" and p["final_model"]
-    ]
-    cons_metrics = None
-    if finished:
-        cfg = None if run.script else run_config(args)
-        print(f"consensus: averaging {len(finished)} final models", file=sys.stderr)
-        meta = {
-            "peers": [p["name"] for p in peers if p["status"] == "finished"],
-            "steps": sum(p["steps"] or 0 for p in peers),
-            "samples": sum(p["samples"] or 0 for p in peers),
-        }
-        if cfg is not None:
-            meta.update(model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
-        cons_metrics = consensus(
-            finished, run.run_dir / "consensus.pt", meta, cfg, num_peers=len(run.children)
-        )
-    cons_acc = (cons_metrics or {}).get("accuracy")
-    events = run.events + chaos_events(run)
-    write_progress(run)
-    summary = {
-        "wall_seconds": round(wall, 3),
-        "consensus_metrics": cons_metrics,
-        "consensus_test_accuracy": cons_acc,
-        "consensus_model": str(run.run_dir / "consensus.pt") if finished else None,
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "peers": peers,
-        "network": run.net.describe() if run.net is not None else {"mode": run.mode},
-        "chaos": {
-            "seed": run.chaos_seed,
-            "plan": [a.to_json() for a in run.actions],
-            "applied": len(run.driver.done) if run.driver else 0,
-        }
-        if run.actions
-        else None,
-        "events": sorted(events, key=lambda e: e.get("t", 0)),
-    }
-    tmp = run.run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, run.run_dir / "summary.json")
-    return summary
+    """Consensus model, summary.json and progress.jsonl, from the run's files."""
+    run.log_file.close()
+    return run_summary.write(run.run_dir, wall)
 
 
-def chaos_events(run: LocalRun) -> list[dict[str, Any]]:
-    """Faults that a standalone `gossip-train chaos --run-dir` injected into this run."""
-    path = run.run_dir / "chaos-events.jsonl"
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(ev, dict):
-            ev["t"] = round(float(ev.pop("ts", time.time())) - run.t0, 3)
-            out.append(ev)
-    return out
-
-
-def write_progress(run: LocalRun) -> None:
-    """RUN_DIR/progress.jsonl: every peer's progress lines (steps over time, for the report)."""
-    with open(run.run_dir / "progress.jsonl", "w") as fh:
-        for ev in run.progress:
-            fh.write(json.dumps(ev) + "\n")
+async def _pipe_reader(read_fd: int) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    return reader
 
 
 def load_chaos(args: argparse.Namespace) -> Scenario:
@@ -750,13 +645,10 @@ def run_local(args: argparse.Namespace) -> int:
         report = write_report(run.run_dir, baseline, epsilon=args.epsilon)
         verdict = "all invariants hold" if report["invariants_ok"] else "INVARIANTS FAIL"
         print(f"robustness report: {run.run_dir / 'report.md'} ({verdict})")
-    failed = [c for c in run.children if c.status not in ("finished", "killed")]
-    if failed:
-        errors = {e.get("error") for e in run.events if e.get("kind") == "exited"}
-        for err in sorted(e for e in errors if e):
-            print(f"gossip-train: peer failed: {err}", file=sys.stderr)
-        return 1
-    return 0
+    failed = [p for p in summary["peers"] if p["status"] not in ("finished", "killed")]
+    for p in failed:
+        print(f"gossip-train: {p['name']} {p['status']}: {p.get('error') or '?'}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_baseline(args: argparse.Namespace) -> Path | None:

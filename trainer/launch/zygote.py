@@ -3,20 +3,23 @@
 Importing torch costs 1.5-3 s of CPU per process; eight peers starting at once on two
 cores spent over 10 s just importing. ``gossip-train local`` therefore starts one zygote
 that imports torch and the trainer, loads the data set once, and then forks each peer on
-request. A forked peer runs exactly ``gossip-train peer`` (``trainer.cli.main``) and
-shares the data set's pages copy-on-write with its siblings.
+request. A forked peer runs the peer entry point (``trainer.peer.main``) on the config file
+the launcher wrote for it, exactly as ``gossip-train peer --config`` would, and shares the
+data set's pages copy-on-write with its siblings.
 
 The zygote has no event loop and no threads (forking those is unsafe). The launcher talks
 to it over a Unix SOCK_SEQPACKET pair, one JSON message per packet; a spawn request carries
-the write end of the child's stdout pipe as an SCM_RIGHTS file descriptor, so the launcher
-reads the child's events exactly as from a subprocess pipe.
+the write end of the child's event channel (a pipe) as an SCM_RIGHTS file descriptor, so the
+launcher reads the child's events exactly as from a subprocess's.
 
-    -> {"op": "spawn", "id": 3, "argv": [...], "stderr": PATH}   + fd (child's stdout)
+    -> {"op": "spawn", "id": 3, "config": PATH, "log": PATH}      + fd (child's events)
     <- {"op": "ready"} | {"op": "error", "error": "..."}          once, after pre-loading
     <- {"op": "spawned", "id": 3, "pid": 1234}
     <- {"op": "exited", "pid": 1234, "rc": 0}     (rc is -N when killed by signal N)
 
 When the launcher's end closes, the zygote exits; its children live on in their sessions.
+If the zygote dies first, its children live on too: the launcher is their subreaper, so they
+become its own children, and it watches each through a pidfd whoever its parent is.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def _child(req: dict[str, Any], stdout_fd: int, sock: socket.socket) -> None:
-    """In the forked child: own session, stdio rewired, run the peer, never return."""
+def _child(req: dict[str, Any], events_fd: int, sock: socket.socket) -> None:
+    """In the forked child: own session, stdio to the log, run the peer, never return."""
     rc = 1
     try:
         sock.close()
@@ -54,15 +57,15 @@ def _child(req: dict[str, Any], stdout_fd: int, sock: socket.socket) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
-        err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(null, 0)
-        os.dup2(stdout_fd, 1)
-        os.dup2(err, 2)
-        for fd in (null, err, stdout_fd):
-            os.close(fd)
-        from trainer.cli import main
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        from trainer.peer import main
 
-        rc = main(req["argv"])
+        rc = main(str(req["config"]), events_fd)
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - a child must never return into the zygote loop
@@ -81,7 +84,8 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
 
 
 def _spawn(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int | None:
-    if len(fds) != 1 or not isinstance(req.get("argv"), list):
+    paths_ok = all(isinstance(req.get(k), str) for k in ("config", "log"))
+    if len(fds) != 1 or not paths_ok:
         for fd in fds:
             os.close(fd)
         _send(sock, {"op": "spawned", "id": req.get("id"), "pid": None, "error": "bad request"})
@@ -134,8 +138,7 @@ def _preload(dataset: str, data_dir: str | None, task: str | None = None) -> Non
         import torch
 
         torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
-        import trainer.cli  # noqa: F401 - warm the import cache for the children
-        import trainer.peer  # noqa: F401
+        import trainer.peer  # noqa: F401 - warm the import cache for the children
         from trainer.task import load_task
 
         load_task(task)
@@ -157,7 +160,7 @@ def _preload(dataset: str, data_dir: str | None, task: str | None = None) -> Non
     import torch
 
     torch.set_num_threads(1)  # no thread pool in the parent: forking one is unsafe
-    import trainer.cli  # noqa: F401 - warm the import cache for the children
+    import trainer.loop  # noqa: F401 - warm the import cache for the children
     import trainer.peer  # noqa: F401
     from trainer.data import build_dataset, register_preloaded
 
@@ -188,22 +191,89 @@ def main() -> None:
 
 
 # -- in the launcher ----------------------------------------------------------------------------
-class ZygoteChild:
-    """The launcher's handle on a forked peer; quacks like ``asyncio.subprocess.Process``."""
+PR_SET_CHILD_SUBREAPER = 36
 
-    def __init__(self, pid: int, stdout: asyncio.StreamReader) -> None:
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (a dead zygote's children) this process's children, so it
+    can collect their exit status. Linux only; False where it is not available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class ZygoteChild:
+    """The launcher's handle on a forked peer; quacks like ``asyncio.subprocess.Process``.
+
+    Its exit status comes from the zygote while the zygote lives. Independently, a pidfd says
+    when the process is gone; if the zygote has died by then, the process is the launcher's
+    own child (see ``become_subreaper``), and ``waitpid`` collects its status here.
+    """
+
+    def __init__(self, pid: int, zygote: Zygote) -> None:
         self.pid = pid
-        self.stdout = stdout
+        self.zygote = zygote
         self.returncode: int | None = None
-        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+            self._loop.add_reader(self._pidfd, self._gone)
+        except (OSError, AttributeError, NotImplementedError):
+            self._pidfd = None  # gone already, or no pidfd: the zygote's word is all we have
 
     def _exited(self, rc: int) -> None:
-        self.returncode = rc
+        if self.returncode is None:
+            self.returncode = rc
+        self._close_pidfd()
         if not self._done.done():
-            self._done.set_result(rc)
+            self._done.set_result(self.returncode)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _gone(self) -> None:
+        self._close_pidfd()
+        self.reap()
+
+    def reap(self) -> None:
+        """Collect the exit status ourselves if the process is (now) our child."""
+        if self.returncode is not None:
+            return
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # The zygote's child: its "exited" message brings the status. With the zygote
+            # gone and the process too, nobody ever will: it was lost with the zygote.
+            if not self.zygote.alive and not _exists(self.pid):
+                self._exited(-signal.SIGKILL)
+            return
+        if pid == 0:  # exiting, not yet a zombie: look again shortly
+            self._loop.call_later(0.05, self.reap)
+            return
+        self._exited(_exit_code(status))
 
     async def wait(self) -> int:
         return await asyncio.shield(self._done)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ZygoteError(RuntimeError):
@@ -222,6 +292,8 @@ class Zygote:
         self._next_id = 0
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
+        self.alive = False
+        self.returncode: int | None = None
 
     async def start(
         self,
@@ -248,6 +320,7 @@ class Zygote:
             *argv, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
         )
         theirs.close()
+        self.alive = True
         mine.setblocking(False)
         self._sock = mine
         loop = asyncio.get_running_loop()
@@ -273,11 +346,18 @@ class Zygote:
             self._dispatch(json.loads(data))
         if not self._ready.done():
             self._ready.set_exception(ZygoteError("peer launcher exited while starting"))
-        # The zygote is gone: nobody can report exits any more. Treat the children as
-        # lost so waiters do not hang; the launcher kills them by pid when it stops.
-        for child in self._children.values():
-            if child.returncode is None:
-                child._exited(-signal.SIGKILL)
+        # The zygote is gone; its children are not. They are ours now (we are their
+        # subreaper): each one's pidfd, or this, collects its exit status.
+        self.alive = False
+        for fut in self._spawned.values():
+            if not fut.done():
+                fut.set_exception(ZygoteError("the peer zygote exited"))
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    self.returncode = await self.proc.wait()
+        for child in list(self._children.values()):
+            child.reap()
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         assert self._ready is not None
@@ -298,25 +378,35 @@ class Zygote:
             else:  # exited before spawn() registered it
                 self._early_exits[pid] = rc
 
-    async def spawn(self, argv: list[str], stderr_path: str) -> ZygoteChild:
-        """Fork ``gossip-train <argv>``; its stdout is a pipe this returns a reader for."""
-        assert self._sock is not None
+    async def spawn(
+        self, config: str, log_path: str
+    ) -> tuple[ZygoteChild, asyncio.StreamReader]:
+        """Fork a peer running ``config``; return it and the reader of its event channel."""
+        if self._sock is None or not self.alive:
+            raise ZygoteError("the peer zygote is not running")
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         self._next_id += 1
         req_id = self._next_id
         fut: asyncio.Future[int | None] = loop.create_future()
         self._spawned[req_id] = fut
-        msg = json.dumps({"op": "spawn", "id": req_id, "argv": argv, "stderr": stderr_path})
+        msg = json.dumps({"op": "spawn", "id": req_id, "config": config, "log": log_path})
         try:
             self._sock.sendmsg(
                 [msg.encode()],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_fd]))],
             )
+        except OSError as exc:
+            os.close(read_fd)
+            raise ZygoteError(f"the peer zygote is gone ({exc})") from None
         finally:
             os.close(write_fd)
-        async with asyncio.timeout(30.0):
-            pid = await fut
+        try:
+            async with asyncio.timeout(30.0):
+                pid = await fut
+        except TimeoutError:
+            os.close(read_fd)
+            raise ZygoteError("the peer zygote did not answer a spawn request") from None
         if pid is None:
             os.close(read_fd)
             raise ZygoteError("peer launcher refused a spawn request")
@@ -324,11 +414,11 @@ class Zygote:
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
         )
-        child = ZygoteChild(pid, reader)
+        child = ZygoteChild(pid, self)
         self._children[pid] = child
         if pid in self._early_exits:
             child._exited(self._early_exits.pop(pid))
-        return child
+        return child, reader
 
     async def close(self) -> None:
         if self._sock is not None:

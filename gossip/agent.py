@@ -1,0 +1,419 @@
+"""The gossip agent: everything a peer does on the network, with no torch in sight.
+
+It joins a swarm through any known address, catches up from a live neighbour, averages its
+weights with live neighbours while the owner trains (one exchange per period of steps, in
+``partner_order``, within the CPU budget), lingers after training while others still train,
+and leaves gracefully. It works on a ``WeightStore`` (a flat float32 vector and its lock), so
+the same agent serves the torch trainer (``trainer.peer``), the public ``GossipOptimizer``,
+and simulations and benchmarks over plain arrays.
+
+Lifecycle::
+
+    async with Agent(config, store, transport, events) as agent:   # start(): bind, join,
+        ...train, calling agent.stepped() after each step...        # catch up, gossip
+        await agent.linger(step_seconds)                            # until nobody trains
+    # leaving the block: leave() (graceful, announced), then close() (bounded, then cancel)
+
+``abort()`` stops at once, with no leave: for a peer that must stop now.
+
+Membership carries each member's phase as its meta: ``""`` while starting or training,
+``"finished"`` once its last step is done. A lingering peer leaves as soon as every live
+member it sees has finished, so a run ends when its work does, with ``linger_seconds`` as
+the upper bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from p2p.framing import Frame, MsgType
+from p2p.membership import JoinError, Membership
+from p2p.node import Node, NodeConfig
+from p2p.swim import Swim, SwimConfig
+from p2p.transport import Connection, Transport, TransportError, parse_addr
+
+from .events import Events
+from .exchange import Exchanger, GossipConfig, IncompatiblePeer, WeightStore
+from .policy import (
+    MAX_BUDGET_WAIT,
+    CpuBudget,
+    PeriodClock,
+    ScheduleConfig,
+    linger_interval,
+    partner_order,
+)
+
+log = logging.getLogger(__name__)
+
+PROFILES: dict[str, Callable[[], SwimConfig]] = {
+    "local": SwimConfig.local,
+    "lan": SwimConfig.lan,
+    "wan": SwimConfig.wan,
+    "test": SwimConfig.test,
+}
+FINISHED = "finished"  # the meta of a member that has trained its last step
+# Seconds a graceful leave may take to spread, and close() to end its tasks.
+LEAVE_TIMEOUT = 2.0
+CLOSE_TIMEOUT = 5.0
+ABORT_TIMEOUT = 0.5
+
+
+class AgentError(Exception):
+    """A fatal, user-facing problem (bad address, nobody to join, incompatible swarm)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # Unique member name; defaults to the advertised address.
+    name: str = ""
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+    join: tuple[str, ...] = ()
+    join_timeout: float = 10.0
+    cluster: str = "gossip-train"
+    profile: str = "local"
+    # Upper bound on lingering after training (0: leave at once).
+    linger_seconds: float = 0.0
+    seed: int = 0
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: WeightStore,
+        transport: Transport,
+        events: Events | None = None,
+        *,
+        incarnation: int = 0,
+        resumed: bool = False,
+        step: Callable[[], int] = lambda: 0,
+        load: Callable[[np.ndarray], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.events = events or Events()
+        self.incarnation = incarnation
+        self.resumed = resumed  # a restarted peer: its weights are stale, its swarm may be gone
+        self._load = load or self._load_array
+        self.rng = random.Random(config.seed)
+        self.node = Node(transport, config.name or "?", NodeConfig(cluster=config.cluster))
+        self.exchanger = Exchanger(self.node, store, config.gossip)
+        self.exchanger.step_fn = step
+        self.membership: Membership | None = None
+        self.status = "starting"
+        self.exchange_seconds = 0.0
+        self.lingered: float | None = None
+        self.linger_reason = ""
+        self._partnered: set[str] = set()
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._failed: asyncio.Future[BaseException] | None = None
+        self._clock: PeriodClock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._first_exchange_seen = False
+        self._left = False
+        self._closed = False
+        self.t0 = time.monotonic()
+        self.handlers = self.node.handlers  # more message types (status, control) go here
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> Agent:
+        if self._failed is None:  # not started yet
+            await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None or issubclass(exc_type, Exception):
+            await self.leave()
+            await self.close()
+        else:
+            await self.abort()  # cancelled or interrupted: no time for ceremony
+
+    async def start(self, seeds: list[str] | None = None) -> None:
+        """Bind, join through ``seeds`` (default: the configured ones), catch up, gossip."""
+        if self._failed is not None:
+            raise RuntimeError("Agent.start() runs once")
+        self._loop = asyncio.get_running_loop()
+        self._failed = self._loop.create_future()
+        await self._start_node()
+        assert self.membership is not None
+        self._spawn(self.membership.run(), "membership")
+        await asyncio.sleep(0)  # let the driver start before join() needs it
+        await self._join(list(self.config.join) if seeds is None else seeds)
+        await self._catch_up()
+        self._spawn(self._gossip_loop(), "gossip")
+        self.status = "training"
+
+    async def leave(self, timeout: float = LEAVE_TIMEOUT) -> None:
+        """Stop sharing weights and announce a graceful leave (bounded by ``timeout``)."""
+        self.exchanger.ready = False
+        if self._left or self.membership is None:
+            return
+        self._left = True
+        with contextlib.suppress(Exception):
+            await self.membership.leave(timeout)
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """End every task (waiting up to ``timeout`` for them), close connections and port."""
+        if self._closed:
+            return
+        self._closed = True
+        self.exchanger.ready = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                log.warning("agent task %s did not end within %.0f s", task.get_name(), timeout)
+        self.exchanger.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.node.close()
+
+    async def abort(self) -> None:
+        """Stop now: no leave (the others will declare us dead), tasks cancelled, the port
+        closed, all within ``ABORT_TIMEOUT``."""
+        self._left = True
+        await self.close(ABORT_TIMEOUT)
+
+    async def failure(self) -> BaseException:
+        """Wait until one of the agent's tasks fails; return its exception."""
+        assert self._failed is not None, "start() first"
+        return await asyncio.shield(self._failed)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"agent-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._failed is not None and not self._failed.done():
+            log.error("agent task %s failed: %s", task.get_name(), exc)
+            self._failed.set_result(exc)
+
+    # -- joining ---------------------------------------------------------------------------------
+    async def _start_node(self) -> None:
+        host, port = parse_addr(self.config.listen)
+        try:
+            await self.node.start(host, port, self.config.advertise)
+        except TransportError as exc:
+            raise AgentError(str(exc)) from None
+        if not self.config.name:
+            self.node.name = self.node.addr
+        self.events.name = self.node.name
+        swim = Swim(
+            self.node.name,
+            self.node.addr,
+            PROFILES[self.config.profile](),
+            self.rng,
+            time.monotonic(),
+            incarnation=self.incarnation,
+        )
+        self.membership = Membership(swim, self._send_swim)
+        self.membership.on_event = self._on_member_event
+        self.node.handlers[MsgType.SWIM] = self._on_swim
+        self.emit("listening", addr=self.node.addr, name=self.node.name)
+        log.info("peer %s listening on %s", self.node.name, self.node.addr)
+
+    async def _send_swim(self, addr: str, msg: dict[str, Any]) -> None:
+        await self.node.send_oneway(addr, MsgType.SWIM, msg)
+
+    async def _on_swim(self, conn: Connection, frame: Frame) -> None:
+        assert self.membership is not None
+        self.membership.deliver(frame.header)
+
+    def _on_member_event(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        kind = event.pop("kind", "member")
+        event.pop("t", None)
+        self.emit(kind, **event)
+
+    async def _join(self, seeds: list[str]) -> None:
+        assert self.membership is not None
+        seeds = [a for a in seeds if a != self.node.addr]
+        if not seeds:
+            return
+        try:
+            await self.membership.join(seeds, self.config.join_timeout)
+        except JoinError as exc:
+            # A resumed peer may outlive its swarm (the others finished while it was down):
+            # it finishes its own work alone. A fresh peer that nobody answers is an error.
+            if not self.resumed:
+                raise AgentError(str(exc)) from None
+            log.warning("%s; resuming alone", exc)
+
+    async def _catch_up(self) -> None:
+        """Take a live neighbour's current weights before contributing our own.
+
+        A restarted peer's checkpoint is stale and a newcomer's init is random; either would
+        drag the swarm back if mixed in. A neighbour still at step 0 has our own init (same
+        seed), so a fresh swarm starts without a pull.
+        """
+        if not self.config.join and not self.resumed:
+            return
+        self.exchanger.ready = False
+        t0 = time.monotonic()
+        try:
+            for addr in self.neighbours()[:3]:
+                try:
+                    remote, step = await self.exchanger.pull(addr)
+                except IncompatiblePeer as exc:
+                    raise AgentError(str(exc)) from None
+                except (TransportError, OSError, TimeoutError, ValueError) as exc:
+                    log.info("catch-up from %s failed: %s", addr, exc)
+                    continue
+                if step == 0 and not self.resumed:
+                    return
+                await asyncio.to_thread(self._load, remote)
+                self.emit(
+                    "caught_up",
+                    source=addr,
+                    remote_step=step,
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+                return
+        finally:
+            self.exchanger.ready = True
+
+    def _load_array(self, vector: np.ndarray) -> None:
+        with self.store.lock:
+            self.store.array[:] = vector
+
+    # -- gossip while training -----------------------------------------------------------------
+    def stepped(self) -> None:
+        """One training step done (call from any thread): offer an exchange once a period."""
+        if self._clock is None:
+            self._clock = PeriodClock(
+                self.config.schedule.period_steps, random.Random(self.rng.random())
+            )
+        # exchanges: an int the loop thread writes; reading it here needs no lock
+        if self._clock.step(self.exchanger.exchanges) and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._kick.set)
+
+    def neighbours(self) -> list[str]:
+        """Live neighbours to try, in order (see ``partner_order``)."""
+        if self.membership is None:
+            return []
+        addrs = [
+            addr
+            for _, addr in self.membership.alive_addrs()
+            if addr not in self.exchanger.incompatible
+        ]
+        return partner_order(addrs, self._partnered, self.rng)
+
+    async def _gossip_loop(self) -> None:
+        budget = CpuBudget(self.config.schedule.time_budget)
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            if self.status == "training":
+                # Over the CPU budget (exchanges started and answered alike): wait until
+                # back within it, at most MAX_BUDGET_WAIT so lingering is never held up.
+                wait = budget.wait(self.exchanger.cpu_seconds, time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(min(MAX_BUDGET_WAIT, wait))
+            await self.gossip_round()
+
+    async def gossip_round(self) -> None:
+        """Average with one live neighbour, in ``partner_order``; a busy one is skipped."""
+        for addr in self.neighbours()[: self.config.schedule.max_attempts]:
+            out = await self.exchanger.exchange(addr)
+            if out.ok:
+                self._partnered.add(addr)
+                self.exchange_seconds += out.seconds
+                if not self._first_exchange_seen:
+                    self._first_exchange_seen = True
+                    seconds = round(time.monotonic() - self.t0, 3)
+                    self.emit("first_exchange", partner=addr, seconds=seconds)
+                return
+            if not out.busy:
+                log.debug("exchange with %s failed: %s", addr, out.reason)
+            # Busy peers decline at once; a short random pause breaks lockstep retries.
+            await asyncio.sleep(self.rng.uniform(0.0, 0.01))
+
+    # -- after training --------------------------------------------------------------------------
+    def finished_training(self) -> None:
+        """Our last step is done: say so in our offers and in membership."""
+        self.exchanger.training = False
+        if self.membership is not None:
+            self.membership.set_meta(FINISHED)
+
+    def still_training(self) -> list[str]:
+        """Live members (suspects included) that have not said they finished."""
+        if self.membership is None:
+            return []
+        return [m.name for m in self.membership.swim.alive() if m.meta != FINISHED]
+
+    async def linger(self, step_seconds: float, stop: threading.Event | None = None) -> None:
+        """Keep averaging (no more steps) while some live member still trains, so it has
+        partners and every finished peer moves toward the consensus before it is saved.
+
+        Ends as soon as every live member has finished, or after ``linger_seconds``, or when
+        ``stop`` is set.
+        """
+        self.finished_training()
+        limit = self.config.linger_seconds
+        if limit <= 0 or (stop is not None and stop.is_set()):
+            return
+        self.status = "averaging"
+        interval = linger_interval(self.config.schedule, step_seconds)
+        start = time.monotonic()
+        reason = "upper bound"
+        while time.monotonic() - start < limit:
+            if stop is not None and stop.is_set():
+                reason = "stopped"
+                break
+            if not self.still_training():
+                reason = "all finished"
+                break
+            self._kick.set()
+            await asyncio.sleep(interval)
+        self.lingered = round(time.monotonic() - start, 3)
+        self.linger_reason = reason
+        self.emit("lingered", seconds=self.lingered, reason=reason)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def members(self) -> list[dict[str, Any]]:
+        if self.membership is None:
+            return []
+        return [
+            {
+                "name": m.name,
+                "addr": m.addr,
+                "state": m.state.name.lower(),
+                "incarnation": m.incarnation,
+                "meta": m.meta,
+            }
+            for m in self.membership.swim.members()
+        ]
+
+    def alive_count(self) -> int:
+        return len(self.membership.alive_addrs()) if self.membership is not None else 0
+
+    def known_peers(self) -> list[str]:
+        """Live neighbours' addresses (to rejoin through after a restart)."""
+        if self.membership is None:
+            return list(self.config.join)
+        return [addr for _, addr in self.membership.alive_addrs()] or list(self.config.join)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.events.emit(kind, **fields)

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import loop_guard
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,11 @@ def cli(*args: str) -> list[str]:
 @pytest.fixture
 def mnist_dir() -> Path:
     return shared_data("mnist")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every asyncio test fails on an unhandled loop exception or a leaked task (loop_guard.py).
+    config.pluginmanager.register(loop_guard, "loop_guard")
 
 
 def tier_of(path: Path) -> str | None:

@@ -2,7 +2,7 @@
 
 Many ``Swim`` peers share one fake clock and an in-memory network with per-message delay,
 loss, partitions, and kill / pause / resume / restart of peers. Everything random comes from
-seeded ``random.Random`` objects, so one seed gives one history. Used by tests/test_swim_sim.py
+seeded ``random.Random`` objects, so one seed gives one history. Used by tests/sim/test_swim_sim.py
 and benchmarks/swim_dissemination.py.
 
 The event queue is a heap of ``(time, seq, kind, peer, payload)``; ``seq`` breaks ties in

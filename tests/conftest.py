@@ -1,11 +1,18 @@
+"""Shared by every tier: tests/unit (pure logic, fake clocks), tests/sim (the in-memory
+network and discrete-event simulations), tests/real (real sockets, processes, files of runs).
+Test modules import these helpers with ``from conftest import ...`` from any tier."""
+
 import os
 import sys
 from pathlib import Path
 
+import loop_guard
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "sim", "real")
 
 
 def shared_data(name: str) -> Path:
@@ -25,3 +32,27 @@ def cli(*args: str) -> list[str]:
 @pytest.fixture
 def mnist_dir() -> Path:
     return shared_data("mnist")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every asyncio test fails on an unhandled loop exception or a leaked task (loop_guard.py).
+    config.pluginmanager.register(loop_guard, "loop_guard")
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier folder a test file lives in, None outside tests/<tier>/."""
+    try:
+        parts = path.resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test sits in a tier, and only tests/real starts real peer processes."""
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None and item.path.resolve().is_relative_to(TESTS):
+            raise pytest.UsageError(f"{item.nodeid}: test files go in tests/{{{','.join(TIERS)}}}/")
+        if item.get_closest_marker("real") and tier not in (None, "real"):
+            raise pytest.UsageError(f"{item.nodeid}: marked real, so it belongs in tests/real/")

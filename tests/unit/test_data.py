@@ -25,7 +25,7 @@ from trainer.data import (
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-ASSETS = Path(__file__).parents[1] / "trainer" / "assets"
+ASSETS = Path(__file__).parents[2] / "trainer" / "assets"
 
 
 def _shared(sub: str) -> Path:

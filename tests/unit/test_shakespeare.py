@@ -10,9 +10,9 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from torch.utils.data import default_collate
 
-from tests.conftest import shared_data
 from trainer.task import load_task
 from trainer.tasks import shakespeare as sk
 

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 
 def peer(args: list[str], stderr: Path) -> PeerProc:
-    """A `gossip-train peer` process with one torch thread (tests/peerproc.py)."""
+    """A `gossip-train peer` process with one torch thread (tests/real/peerproc.py)."""
     return PeerProc(["--threads", "1", *args], stderr)
 
 

@@ -1,10 +1,10 @@
-"""Checkpoint writer processes for the kill tests in test_checkpoint.py.
+"""Checkpoint writer processes for the kill tests in test_checkpoint_kill.py.
 
 Importing torch takes about two seconds here, which would make fifteen restarts slower
 than the test budget, so this script imports it once and forks one writer process per
 request. Each writer is a real process that the test kills with SIGKILL.
 
-Usage: python tests/helpers_ckpt_writer.py
+Usage: python tests/real/helpers_ckpt_writer.py
 It answers "ready", then takes one command per line on stdin, one answer line on stdout:
   spawn DIR loop                   -> PID  writer saving checkpoints into DIR, fast as it can
   spawn DIR die-write SAVES BYTES  -> PID  writer that kills itself after BYTES bytes of the

@@ -4,12 +4,23 @@ import asyncio
 import random
 
 import numpy as np
+import pytest
 
 from gossip.exchange import Exchanger
 from gossip.store import ArrayStore
 from p2p.framing import MsgType
 from p2p.memnet import MemoryNetwork
 from p2p.node import Node, NodeConfig
+
+
+@pytest.fixture
+async def net():
+    """The in-memory network. Every transport on it is closed at teardown, as closing each
+    peer would: a connection the peers pooled keeps a task serving it until then."""
+    network = MemoryNetwork()
+    yield network
+    for transport in network.transports:
+        await transport.close()
 
 
 async def make_peers(net, n, size=64, seed=0):
@@ -23,8 +34,7 @@ async def make_peers(net, n, size=64, seed=0):
     return peers
 
 
-async def test_gossip_converges_to_the_mean():
-    net = MemoryNetwork()
+async def test_gossip_converges_to_the_mean(net):
     peers = await make_peers(net, 8)
     mean = np.mean([s.weights for _, s, _ in peers], axis=0)
     rng = random.Random(1)
@@ -46,8 +56,7 @@ async def test_gossip_converges_to_the_mean():
     np.testing.assert_allclose(np.mean([s.weights for _, s, _ in peers], axis=0), mean, atol=1e-5)
 
 
-async def test_both_sides_end_with_the_same_average():
-    net = MemoryNetwork()
+async def test_both_sides_end_with_the_same_average(net):
     (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
     expect = (sa.weights + sb.weights) / 2
     out = await xa.exchange(b.addr)
@@ -57,8 +66,7 @@ async def test_both_sides_end_with_the_same_average():
     np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
 
 
-async def test_busy_peer_declines_and_different_schema_is_refused():
-    net = MemoryNetwork()
+async def test_busy_peer_declines_and_different_schema_is_refused(net):
     (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
     xb._busy = True
     out = await xa.exchange(b.addr)
@@ -72,8 +80,7 @@ async def test_busy_peer_declines_and_different_schema_is_refused():
     np.testing.assert_array_equal(sa.weights, before)
 
 
-async def test_non_finite_weights_are_never_applied():
-    net = MemoryNetwork()
+async def test_non_finite_weights_are_never_applied(net):
     (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
     before_b = sb.weights.copy()
     # A broken neighbour offers properly, then sends a NaN payload.
@@ -110,8 +117,7 @@ async def test_non_finite_weights_are_never_applied():
     assert out.ok, out.reason
 
 
-async def test_garbage_from_a_neighbour_does_not_crash_the_peer():
-    net = MemoryNetwork()
+async def test_garbage_from_a_neighbour_does_not_crash_the_peer(net):
     (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
     conn = await net.transport().connect(b.addr, 1.0)
     await conn.send(MsgType.HELLO, {"versions": [99], "cluster": "gossip-train"})
@@ -126,8 +132,7 @@ async def test_garbage_from_a_neighbour_does_not_crash_the_peer():
     assert out.ok, out.reason
 
 
-async def test_dead_and_paused_peers_fail_within_the_deadline():
-    net = MemoryNetwork()
+async def test_dead_and_paused_peers_fail_within_the_deadline(net):
     (a, sa, xa), (b, sb, xb), (c, sc, xc) = await make_peers(net, 3)
     net.kill(b.addr)
     out = await xa.exchange(b.addr)

@@ -128,8 +128,8 @@ class LaunchConfig:
     timeout: float = 3600.0
     # Upper bound on a finished peer's linger: it leaves earlier, as soon as every live peer
     # it sees has finished training too. Longer with faults: a restarted peer needs partners.
-    linger: float = 2.0
-    chaos_linger: float = 10.0
+    linger: float = 60.0
+    chaos_linger: float = 120.0
     # With --restart-failed: seconds before a restart, and how many before giving up.
     restart_delay: float = 1.0
     max_restarts: int = 10

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.peer import CpuBudget
+from gossip.policy import CpuBudget
 
 
 def test_within_budget_never_waits():
@@ -38,7 +38,7 @@ def test_zero_share_disables_it():
 def test_partners_cycle_before_any_repeats():
     import random
 
-    from trainer.peer import partner_order
+    from gossip.policy import partner_order
 
     rng, partnered = random.Random(1), set()
     addrs = [f"10.0.0.{i}:1" for i in range(5)]
@@ -59,7 +59,7 @@ def test_partners_cycle_before_any_repeats():
 def test_period_clock_offers_once_per_period_without_exchanges():
     import random
 
-    from trainer.peer import PeriodClock
+    from gossip.policy import PeriodClock
 
     clock = PeriodClock(20, random.Random(0))
     offers = [s for s in range(1, 101) if clock.step(0)]
@@ -69,7 +69,7 @@ def test_period_clock_offers_once_per_period_without_exchanges():
 def test_period_clock_counts_an_answered_exchange_and_spreads_the_restart():
     import random
 
-    from trainer.peer import PeriodClock
+    from gossip.policy import PeriodClock
 
     restarts = set()
     for seed in range(40):
@@ -84,12 +84,10 @@ def test_period_clock_counts_an_answered_exchange_and_spreads_the_restart():
 
 
 def test_lingering_keeps_pace_with_the_models_period() -> None:
-    from gossip.exchange import GossipConfig
-    from trainer.peer import linger_pace
+    from gossip.policy import ScheduleConfig, linger_interval
 
-    g = GossipConfig()  # period 20 steps, quiet 2 s, interval 50 ms
-    # The seed MLP (0.6 ms a step): the configured values stand.
-    assert linger_pace(g, 0.0006) == (g.linger_quiet, g.linger_interval)
-    # A transformer at 0.27 s a step: a period is 5.4 s; wait three, offer twice a period.
-    quiet, interval = linger_pace(g, 0.27)
-    assert quiet == pytest.approx(16.2) and interval == pytest.approx(2.7)
+    s = ScheduleConfig()  # period 20 steps, interval 50 ms
+    # The seed MLP (0.6 ms a step): the configured interval stands.
+    assert linger_interval(s, 0.0006) == s.linger_interval
+    # A transformer at 0.27 s a step: a period is 5.4 s; offer twice a period.
+    assert linger_interval(s, 0.27) == pytest.approx(2.7)

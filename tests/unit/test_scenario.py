@@ -213,7 +213,7 @@ allow_control = true
 epochs = 2.5
 lr = 0.01
 seed = 9
-[gossip]
+[schedule]
 period_steps = 7
 [checkpoint]
 directory = "ck/b"
@@ -274,22 +274,29 @@ def test_unknown_keys_in_a_peer_config_are_errors(tmp_path):
 
 
 def test_gossip_flags_reach_the_peer_config():
-    cfg = parse_peer("--period", "7", "--gossip-budget", "0.25", "--linger-quiet", "6.5")
-    assert cfg.gossip.period_steps == 7
-    assert cfg.gossip.time_budget == 0.25
-    assert cfg.gossip.linger_quiet == 6.5
+    cfg = parse_peer("--period", "7", "--gossip-budget", "0.25", "--linger", "6.5")
+    assert cfg.schedule.period_steps == 7
+    assert cfg.schedule.time_budget == 0.25
+    assert cfg.linger_seconds == 6.5
 
 
-def test_supervised_peers_wait_for_a_restart_before_leaving(tmp_path):
-    """Under --restart-failed, finished peers linger long enough for a crashed one to return."""
-    from trainer.launch.local import RESTART_GRACE, Child, peer_argv
+def test_the_launcher_hands_each_peer_its_complete_config_as_a_file(tmp_path):
+    """What `local` writes for a peer reads back into the very same frozen dataclasses, and
+    holds the run's flags plus where that peer stands."""
+    from trainer.config import LaunchConfig, save_config
+    from trainer.launch.local import Child, peer_config_for
 
-    args = build_parser().parse_args(["local", "--peers", "2", "--restart-failed"])
-    child = Child(name="peer-1", index=1, addr="127.0.0.1:9", run_dir=tmp_path)
-    argv = peer_argv(args, child, 2, ["127.0.0.1:8"])
-    quiet = float(argv[argv.index("--linger-quiet") + 1])
-    assert quiet == args.restart_delay + RESTART_GRACE
-    cfg = parse_peer(*argv[argv.index("peer") + 1 :])
-    assert cfg.gossip.linger_quiet == quiet
-    plain = build_parser().parse_args(["local", "--peers", "2"])
-    assert "--linger-quiet" not in peer_argv(plain, child, 2, [])
+    args = build_parser().parse_args(
+        ["local", "--peers", "2", "--restart-failed", "--lr", "0.01", "--period", "9"]
+    )
+    child = Child(name="peer-1", index=1, addr="127.0.0.1:9", run_dir=tmp_path / "peer-1")
+    cfg = peer_config_for(args, child, 2, ["127.0.0.1:8"])
+    path = save_config(cfg, tmp_path / "config.json")
+    back = load_toml(path)
+    assert back == cfg
+    assert (back.name, back.index, back.num_peers, back.join) == ("peer-1", 1, 2, ("127.0.0.1:8",))
+    assert back.train.lr == 0.01 and back.schedule.period_steps == 9
+    assert back.checkpoint.directory == str(tmp_path / "peer-1" / "checkpoints")
+    assert back.linger_seconds == LaunchConfig.linger and back.train.threads >= 1
+    # The same file drives `gossip-train peer --config`: flags given there still override.
+    assert parse_peer("--config", str(path), "--lr", "0.5").train.lr == 0.5

@@ -199,6 +199,16 @@ class Decoder:
         return out
 
     @property
+    def needed(self) -> int:
+        """Bytes that complete the part being read (prefix, header or payload): a reader of
+        a stream that must not read past a frame asks for exactly this many."""
+        if self._payload is not None:
+            return self._payload.nbytes - self._got
+        if self._head_len:
+            return self._head_len - len(self._head)
+        return PREFIX.size - len(self._prefix)
+
+    @property
     def idle(self) -> bool:
         """True between frames (no partial frame buffered)."""
         return not self._prefix and self._payload is None and not self._head_len

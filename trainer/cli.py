@@ -5,6 +5,7 @@
     gossip-train members --peer H:P              the member list a running peer sees
     gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
     gossip-train chaos SCENARIO --run-dir DIR    inject faults into running peers
+    gossip-train summary RUN_DIR                 rebuild a run's summary from its files
 
 Errors a user can fix (a bad path, a port in use, nobody to join) print one line and
 exit with status 2; no traceback.
@@ -116,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="gossip-train", help="swarm name")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser(
+        "summary",
+        help="rebuild RUN_DIR/summary.json and the consensus model from the run's files",
+        description="Rebuild a local run's summary.json, progress.jsonl and consensus model "
+        "from its peers' events files (after a launcher crash, say) and print its table.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--no-consensus", action="store_true", help="do not average and evaluate final models"
+    )
+
     p = sub.add_parser("eval", help="a task's metrics of a final model or checkpoint")
     p.add_argument("model_path", metavar="MODEL_OR_CHECKPOINT")
     add_task_arg(p)
@@ -174,6 +186,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(args)
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .launch import summary
+    from .launch.local import print_table
+
+    built = summary.write(args.run_dir, consensus=not args.no_consensus)
+    print_table(built, Path(args.run_dir))
+    failed = [p for p in built["peers"] if p["status"] not in ("finished", "killed", "running")]
+    for p in failed:
+        print(f"gossip-train: {p['name']} {p['status']}: {p.get('error') or '?'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
@@ -194,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "members": cmd_members,
         "eval": cmd_eval,
+        "summary": cmd_summary,
         "chaos": chaos.run_chaos,
     }
     try:

@@ -161,9 +161,7 @@ def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
         base = load_config(path)
     else:
         rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-        base = PeerConfig(
-            index=int(rank), num_peers=int(world), linger_seconds=LaunchConfig.linger
-        )
+        base = PeerConfig(index=int(rank), num_peers=int(world), linger_seconds=LaunchConfig.linger)
     top: dict[str, Any] = {k: kw[k] for k in TOP_KEYS if kw.get(k) is not None}
     join = kw.get("join")
     if join is not None:

@@ -107,6 +107,8 @@ class Peer:
         self._make_run_dir()
         if self._own_events and self.events.file is None:
             self.events = open_events(self.cfg.run_dir)
+        if self.cfg.name:
+            self.events.name = self.cfg.name  # the agent names it later when it has no name
         self._open_checkpoints()
         t = self.trainer
         self.agent = Agent(
@@ -253,9 +255,7 @@ class Peer:
                 loop.call_soon_threadsafe(self._progress)
 
         self.status = "training"
-        self.events.emit(
-            "started", steps=self.trainer.total_steps, samples=self.trainer.shard_size
-        )
+        self.events.emit("started", steps=self.trainer.total_steps, samples=self.trainer.shard_size)
         try:
             await self.trainer.drive(self.stop, on_step)
         finally:

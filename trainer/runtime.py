@@ -44,6 +44,7 @@ def is_user_error(exc: BaseException) -> bool:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .launch.summary import SummaryError
     from .launch.zygote import ZygoteError
     from .peer import PeerError
     from .task import TaskError
@@ -53,6 +54,7 @@ def is_user_error(exc: BaseException) -> bool:
         exc,
         (
             ZygoteError,
+            SummaryError,
             UserError,
             TaskError,
             ModelError,

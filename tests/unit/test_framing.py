@@ -134,3 +134,18 @@ def test_buffer_pool_keeps_at_most_its_byte_budget_of_free_buffers():
     pool.give(huge)
     assert len(pool._free[1000]) == 1  # at least one is always kept
     assert pool.take(1000).obj is huge.obj  # and reused
+
+
+def test_needed_reads_exactly_one_frame_from_a_stream() -> None:
+    """A reader that must not read past a frame (the chaos proxy) asks for ``needed``."""
+    first = encode_bytes(MsgType.HELLO, {"name": "peer-0", "v": [1]})
+    after = encode_bytes(MsgType.SWIM, {"x": 1})
+    stream = memoryview(first + after)
+    dec = Decoder()
+    pos, frames = 0, []
+    while not frames:
+        n = dec.needed
+        assert n > 0
+        frames = dec.feed(stream[pos : pos + n])
+        pos += n
+    assert pos == len(first) and frames[0].header["name"] == "peer-0" and dec.idle

@@ -9,9 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
-from p2p.framing import PREFIX, MsgType
+from p2p.framing import Decoder, Frame, FrameError, Limits, MsgType
 from p2p.transport import parse_addr
 
 from .netns import FaultNet, parse_rate
@@ -137,7 +135,7 @@ class ProxyNet(FaultNet):
             link.writers.append(up_writer)
             up_writer.write(hello)
             await self._pipe(link, reader, up_writer, up_reader, writer)
-        except (TimeoutError, OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
+        except (TimeoutError, OSError, EOFError, ValueError, FrameError) as exc:
             log.debug("proxy for %s: connection ends: %s", self.names[i], exc)
         finally:
             self.links.discard(link)
@@ -145,18 +143,23 @@ class ProxyNet(FaultNet):
                 w.close()
 
     async def _read_hello(self, reader: asyncio.StreamReader) -> tuple[bytes, int | None]:
-        """The caller's first frame (a HELLO), passed on unchanged; and who sent it."""
-        prefix = await reader.readexactly(PREFIX.size)
-        _, mtype, _, head_len, _ = PREFIX.unpack(prefix)
-        if head_len > self.config.max_hello:
-            raise ValueError(f"first frame header of {head_len} bytes is too large")
-        head = await reader.readexactly(head_len)
+        """The caller's first frame (a HELLO), passed on unchanged; and who sent it.
+
+        Decoded by ``p2p.framing``'s own decoder with the proxy's limits (a HELLO has no
+        payload), reading exactly the frame's bytes so nothing after it is consumed here."""
+        decoder = Decoder(Limits(max_header=self.config.max_hello, max_payload=0))
+        raw = bytearray()
+        frames: list[Frame] = []
+        while not frames:
+            chunk = await reader.readexactly(decoder.needed)
+            raw += chunk
+            frames = decoder.feed(chunk)
+        frame = frames[0]
         caller = None
-        if mtype == MsgType.HELLO:
-            header = msgpack.unpackb(head, raw=False, max_bin_len=0, max_ext_len=0)
-            name = header.get("name") if isinstance(header, dict) else None
+        if frame.type == MsgType.HELLO:
+            name = frame.header.get("name")
             caller = self.names.index(name) if name in self.names else None
-        return prefix + head, caller
+        return bytes(raw), caller
 
     async def _hold(self, link: _Link) -> None:
         """While a partition cuts this link, no byte moves (until the idle deadline)."""

@@ -378,9 +378,7 @@ class Zygote:
             else:  # exited before spawn() registered it
                 self._early_exits[pid] = rc
 
-    async def spawn(
-        self, config: str, log_path: str
-    ) -> tuple[ZygoteChild, asyncio.StreamReader]:
+    async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, asyncio.StreamReader]:
         """Fork a peer running ``config``; return it and the reader of its event channel."""
         if self._sock is None or not self.alive:
             raise ZygoteError("the peer zygote is not running")

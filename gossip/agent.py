@@ -66,6 +66,8 @@ FINISHED = "finished"  # the meta of a member that has trained its last step
 LEAVE_TIMEOUT = 2.0
 CLOSE_TIMEOUT = 5.0
 ABORT_TIMEOUT = 0.5
+# Longest wait for the one exchange a peer makes after every member has finished.
+LAST_EXCHANGE_SECONDS = 2.0
 
 
 class AgentError(Exception):
@@ -367,8 +369,8 @@ class Agent:
         """Keep averaging (no more steps) while some live member still trains, so it has
         partners and every finished peer moves toward the consensus before it is saved.
 
-        Ends as soon as every live member has finished, or after ``linger_seconds``, or when
-        ``stop`` is set.
+        Ends once every live member has finished (after one last exchange), or after
+        ``linger_seconds``, or when ``stop`` is set.
         """
         self.finished_training()
         limit = self.config.linger_seconds
@@ -384,12 +386,24 @@ class Agent:
                 break
             if not self.still_training():
                 reason = "all finished"
+                await self._last_exchange(interval, start + limit)
                 break
             self._kick.set()
             await asyncio.sleep(interval)
         self.lingered = round(time.monotonic() - start, 3)
         self.linger_reason = reason
         self.emit("lingered", seconds=self.lingered, reason=reason)
+
+    async def _last_exchange(self, interval: float, deadline: float) -> None:
+        """Everyone has finished: one more exchange (ours or a neighbour's) so the weights
+        we save include the others' last steps, then go. Two peers end equal this way."""
+        if self.membership is None or not self.membership.alive_addrs():
+            return
+        before = self.exchanger.exchanges
+        until = min(deadline, time.monotonic() + LAST_EXCHANGE_SECONDS)
+        while self.exchanger.exchanges == before and time.monotonic() < until:
+            self._kick.set()
+            await asyncio.sleep(min(interval, 0.05))
 
     # -- reporting -------------------------------------------------------------------------------
     def members(self) -> list[dict[str, Any]]:

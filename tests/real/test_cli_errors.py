@@ -66,8 +66,8 @@ def test_bad_addresses_and_partition_are_usage_errors():
     assert_one_line_error(rc, err, "ALPHA")
     rc, _, err = run("peer", "--gossip-budget", "-1")
     assert_one_line_error(rc, err, "--gossip-budget must be between 0 and 64")
-    rc, _, err = run("peer", "--linger-quiet", "-1")
-    assert_one_line_error(rc, err, "--linger-quiet must not be negative")
+    rc, _, err = run("peer", "--linger", "-1")
+    assert_one_line_error(rc, err, "--linger must not be negative")
 
 
 def test_eval_of_a_missing_file(tmp_path):

@@ -56,18 +56,21 @@ def _wait_training(run_dir: Path, peers: int, timeout: float = 120.0) -> None:
     raise AssertionError(f"peers did not start training within {timeout} s")
 
 
-def _launch(run_dir: Path, peers: int, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        cli(
-            "local", "--peers", str(peers), "--steps", STEPS, "--run-dir", str(run_dir),
-            "--no-progress", "--checkpoints", "--checkpoint-seconds", "1", *extra,
-        ),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )  # fmt: skip
+def _launch(run_dir: Path, peers: int, *extra: str) -> subprocess.Popen[bytes]:
+    """The launcher, its output to files (its children inherit nothing that we wait on)."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir.parent / "launcher.log", "wb") as log:
+        return subprocess.Popen(
+            cli(
+                "local", "--peers", str(peers), "--steps", STEPS, "--run-dir", str(run_dir),
+                "--no-progress", "--checkpoints", "--checkpoint-seconds", "1", *extra,
+            ),
+            cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+
+def _launcher_log(run_dir: Path) -> str:
+    return (run_dir.parent / "launcher.log").read_text(errors="replace")
 
 
 def _finished_in_events(run_dir: Path, name: str) -> dict:
@@ -94,11 +97,12 @@ def test_killing_the_zygote_mid_run_leaves_every_peer_running(tmp_path: Path) ->
         zygotes = [p for p in _children(launcher.pid) if "trainer.launch.zygote" in _cmdline(p)]
         assert len(zygotes) == 1, [(p, _cmdline(p)) for p in _children(launcher.pid)]
         os.kill(zygotes[0], signal.SIGKILL)
-        out, err = launcher.communicate(timeout=300)
+        launcher.wait(timeout=300)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 0, err[-2000:]
+            launcher.wait()
+    assert launcher.returncode == 0, _launcher_log(run_dir)[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [p["status"] for p in summary["peers"]] == ["finished"] * 3, summary["peers"]
     for p in summary["peers"]:
@@ -122,7 +126,7 @@ def test_killing_the_launcher_mid_run_lets_the_peers_finish(tmp_path: Path) -> N
         peer_pids = [p["pid"] for p in info["peers"]]
         assert all(peer_pids), info
         launcher.kill()  # SIGKILL, the launcher alone: peers are in sessions of their own
-        launcher.communicate(timeout=30)
+        launcher.wait(timeout=30)
         # The peers notice nothing but a closed event channel: they train on and finish.
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and any(_alive(pid) for pid in peer_pids):
@@ -134,6 +138,7 @@ def test_killing_the_launcher_mid_run_lets_the_peers_finish(tmp_path: Path) -> N
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
     assert not (run_dir / "summary.json").exists()  # the launcher died before writing it
     for i in range(3):
         done = _finished_in_events(run_dir, f"peer-{i}")

@@ -46,6 +46,8 @@ GRACE_SECONDS = 5.0
 NETNS_PORT = 7000
 # Default --linger of a run with faults (seconds); 2 s without.
 CHAOS_LINGER = LaunchConfig.chaos_linger
+# Seconds a launched peer keeps trying the peers started before it.
+LAUNCH_JOIN_TIMEOUT = 60.0
 
 
 @dataclass
@@ -98,6 +100,8 @@ def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[
         index=child.index,
         num_peers=n,
         run_dir=str(child.run_dir),
+        # Its seeds were started a moment ago and may still be importing on a loaded box.
+        join_timeout=max(base.join_timeout, LAUNCH_JOIN_TIMEOUT),
         linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
         allow_control=bool(getattr(args, "allow_control", False)),
         checkpoint=checkpoint,
@@ -273,13 +277,19 @@ class LocalRun:
     def _zygote_ok(self) -> bool:
         z = self.zygote
         if z is not None and not z.alive:
-            self.zygote = None
-            self.note(None, "zygote_exited", returncode=z.returncode)
-            print(
-                "gossip-train: the peer zygote exited; peers start as fresh processes now",
-                file=sys.stderr,
-            )
+            self._zygote_gone(z)
         return self.zygote is not None
+
+    def _zygote_gone(self, z: Zygote) -> None:
+        if self.zygote is not z:
+            return
+        self.zygote = None
+        self.note(None, "zygote_exited", returncode=z.returncode)
+        print(
+            "gossip-train: the peer zygote exited; running peers go on, restarts start fresh "
+            "processes",
+            file=sys.stderr,
+        )
 
     async def _start_peer(self, child: Child, config: Path) -> None:
         """A `gossip-train peer --config CONFIG` process: forked from the zygote while it
@@ -456,6 +466,7 @@ class LocalRun:
             # A peer in a namespace must be exec'd there; everywhere else, fork them warm.
             # A bad --data-dir fails here, once, before any peer or network exists.
             self.zygote = Zygote()
+            self.zygote.on_exit = self._zygote_gone
             await self.zygote.start(
                 self.args.dataset or "default", self.args.data_dir, self.args.task
             )

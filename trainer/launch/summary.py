@@ -72,10 +72,14 @@ def peer_record(
     # This life: the events since the peer last started listening.
     starts = [i for i, e in enumerate(events) if e.get("kind") == "listening"]
     life = events[starts[-1] :] if starts else events
-    last: dict[str, Any] = {}
-    for e in life:
-        if e.get("kind") in ("progress", "error", "finished") and "step" in e:
-            last = e
+    reports = [e for e in life if e.get("kind") in ("progress", "error")]
+
+    def latest(key: str, rename: str | None = None) -> Any:
+        """The newest value this life reported for ``key`` (progress or error events)."""
+        for e in reversed(reports):
+            if e.get(rename or key) is not None:
+                return e[rename or key]
+        return None
     finished = next((e for e in reversed(life) if e.get("kind") == "finished"), None)
     error = next((e for e in reversed(life) if e.get("kind") == "error"), None)
     exits = [e for e in mine if e.get("kind") == "exited"]
@@ -100,15 +104,15 @@ def peer_record(
         "status": status,
         "metrics": r.get("metrics"),
         "test_accuracy": r.get("test_accuracy"),
-        "steps": r.get("steps", last.get("step")),
-        "samples": r.get("samples", last.get("samples")),
-        "exchanges": r.get("exchanges", last.get("exchanges")),
-        "bytes_sent": r.get("bytes_sent", last.get("bytes_sent")),
-        "bytes_received": r.get("bytes_received", last.get("bytes_received")),
+        "steps": r.get("steps", latest("steps", "step")),
+        "samples": r.get("samples", latest("samples")),
+        "exchanges": r.get("exchanges", latest("exchanges")),
+        "bytes_sent": r.get("bytes_sent", latest("bytes_sent")),
+        "bytes_received": r.get("bytes_received", latest("bytes_received")),
         "wall_seconds": r.get("wall_seconds"),
         "linger_seconds": r.get("linger_seconds"),
         "final_model": r.get("final_model"),
-        "checkpoint": r.get("checkpoint", last.get("checkpoint")),
+        "checkpoint": r.get("checkpoint", latest("checkpoint")),
         "rejected_updates": r.get("rejected_updates"),
         "restarts": sum(1 for e in mine if e.get("kind") == "restarted"),
     }

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,8 @@ class Zygote:
         self._ready: asyncio.Future[None] | None = None
         self.alive = False
         self.returncode: int | None = None
+        # Called once when the zygote is found gone (its socket closed) while in use.
+        self.on_exit: Callable[[Zygote], None] | None = None
 
     async def start(
         self,
@@ -358,6 +361,8 @@ class Zygote:
                     self.returncode = await self.proc.wait()
         for child in list(self._children.values()):
             child.reap()
+        if self.on_exit is not None and self._sock is not None:
+            self.on_exit(self)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         assert self._ready is not None

@@ -536,6 +536,7 @@ class Launch:
     exit_s: float  # seconds from launch to the launcher's exit
     summary: dict[str, Any]
     samples: list[Sample]
+    returncode: int = 0  # the launcher's exit status
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.summary["events"] if e.get("kind") == kind]
@@ -572,8 +573,10 @@ class Running:
     def running(self) -> bool:
         return self.proc.poll() is None
 
-    def wait(self, timeout: float) -> Launch:
-        """Wait for the launcher's end; its Launch, or RuntimeError if it failed or hung."""
+    def wait(self, timeout: float, check: bool = True) -> Launch:
+        """Wait for the launcher's end; its Launch, or RuntimeError if it hung, wrote no
+        summary or (with ``check``) exited non-zero. A run stopped by its --timeout exits 1
+        (its peers end "stopped"), so runs meant to end that way pass ``check=False``."""
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -584,10 +587,11 @@ class Running:
             self.watcher.join(timeout=5)
         exit_s = time.time() - self.launched
         offset = self.watcher.offset
-        if rc != 0 or offset is None or not (self.run_dir / "summary.json").exists():
+        if (check and rc != 0) or offset is None or not (self.run_dir / "summary.json").exists():
             raise RuntimeError(f"{self.run_dir.name}: launcher exited with {rc}: {self.tail()}")
         summary = read_summary(self.run_dir)
-        return Launch(self.run_dir, self.launched, offset, exit_s, summary, self.watcher.samples)
+        samples = self.watcher.samples
+        return Launch(self.run_dir, self.launched, offset, exit_s, summary, samples, rc)
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM (the launcher stops its peers on it; it writes no summary then), and

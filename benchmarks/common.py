@@ -40,6 +40,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+# `python benchmarks/X.py` puts benchmarks/ first on sys.path, not the repository, so
+# `import trainer` in a script or worker would find whichever checkout the venv's editable
+# install points at (another worktree, say), not the code next to it. Scripts import common
+# before any project package.
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
 BENCH_DIR = REPO / "benchmarks"
 DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
 READY = "READY"

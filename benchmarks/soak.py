@@ -335,6 +335,7 @@ class Watch:
         row["fds_max"] = max((p["fds"] for p in got), default=None)
         row["launcher_rss_mb"] = rss_mb(self.running.pid)
         row["launcher_fds"] = fd_count(self.running.pid)
+        row["load_1m"] = os.getloadavg()[0]
         self.minutes.append(row)
         log.info(
             "minute %d: %d live, RSS median %s max %s MB, fds median %s max %s, steps %s",
@@ -602,15 +603,15 @@ def left_behind(seen: dict[int, int], grace: float = 10.0) -> list[dict[str, Any
 # -- output ---------------------------------------------------------------------------------------
 def write_csv(path: Path, minutes: list[dict[str, Any]], peers: int) -> None:
     names = [f"peer-{i}" for i in range(peers)]
-    head = ["minute", "t_s", "live", "paused", "rss_median_mb", "rss_max_mb", "fds_median",
-            "fds_max", "launcher_rss_mb", "launcher_fds"]  # fmt: skip
+    head = ["minute", "t_s", "load_1m", "live", "paused", "rss_median_mb", "rss_max_mb",
+            "fds_median", "fds_max", "launcher_rss_mb", "launcher_fds"]  # fmt: skip
     for n in names:
         head += [f"{n}_pid", f"{n}_rss_mb", f"{n}_fds", f"{n}_step", f"{n}_state"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(head)
         for r in minutes:
-            row = [r[k] for k in head[:10]]
+            row = [r[k] for k in head[:11]]
             for n in names:
                 p = r["peers"].get(n, {})
                 row += [p.get("pid"), p.get("rss_mb"), p.get("fds"), p.get("step"), p.get("state")]
@@ -620,9 +621,10 @@ def write_csv(path: Path, minutes: list[dict[str, Any]], peers: int) -> None:
 
 def tables(r: dict[str, Any]) -> list[str]:
     curve = markdown_table(
-        ["minute", "live peers", "paused", "RSS median (MB)", "RSS max (MB)", "fds median",
-         "fds max", "launcher RSS (MB)", "launcher fds"],
-        [[m["minute"], m["live"], m["paused"], fmt(m["rss_median_mb"], ".0f"),
+        ["minute", "load", "live peers", "paused", "RSS median (MB)", "RSS max (MB)",
+         "fds median", "fds max", "launcher RSS (MB)", "launcher fds"],
+        [[m["minute"], fmt(m["load_1m"], ".1f"), m["live"], m["paused"],
+          fmt(m["rss_median_mb"], ".0f"),
           fmt(m["rss_max_mb"], ".0f"), fmt(m["fds_median"], ".0f"), fmt(m["fds_max"], ".0f"),
           fmt(m["launcher_rss_mb"], ".0f"), fmt(m["launcher_fds"], ".0f")] for m in r["curves"]],
     )  # fmt: skip

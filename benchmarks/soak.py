@@ -695,6 +695,8 @@ def main() -> None:
     p.add_argument("--checkpoint-seconds", type=float, help="checkpoint period (default 5)")
     p.add_argument("--stall-minutes", type=float, help="no step this long is a deadlock (3)")
     p.add_argument("--warmup-minutes", type=float, help="left out of the spread (default 5)")
+    p.add_argument("--rss-slope-max", type=float, help="flat RSS: MB/min at most (default 1)")
+    p.add_argument("--fd-slope-max", type=float, help="flat fds: fds/min at most (default 0.2)")
     p.add_argument("--chaos-seed", type=int, help="seed of the random faults (default 0)")
     p.add_argument("--run-dir", type=Path, help="default runs/soak-<date-time>")
     p.add_argument("--json", type=Path, help="also write the JSON here")
@@ -703,8 +705,20 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cfg = QUICK if args.quick else SoakConfig()
-    for key in ("minutes", "peers", "data", "fault_minutes", "pause_seconds",
-                "checkpoint_seconds", "stall_minutes", "warmup_minutes", "chaos_seed"):  # fmt: skip
+    flags = (
+        "minutes",
+        "peers",
+        "data",
+        "fault_minutes",
+        "pause_seconds",
+        "checkpoint_seconds",
+        "stall_minutes",
+        "warmup_minutes",
+        "rss_slope_max",
+        "fd_slope_max",
+        "chaos_seed",
+    )
+    for key in flags:
         if getattr(args, key) is not None:
             cfg = replace(cfg, **{key: getattr(args, key)})
     cfg = replace(cfg, extra=tuple(args.local_flags))

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import print_result
 from torch import nn
 
 from trainer.data import load_dataset
@@ -188,7 +188,7 @@ def main() -> None:
     worker.close()
     result["rank"] = args.rank
     result["closed_s"] = worker.since_launch()  # after the barrier and group teardown
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 
 import torch
 import torch.distributed as dist
+from common import print_result
 
 
 def run(args: argparse.Namespace) -> list[float]:
@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     times = run(args)
     if args.rank == 0:
-        print("RESULT " + json.dumps({"seconds": times}), flush=True)
+        print_result({"seconds": times})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import print_result
 from torch import nn
 
 import trainer.tasks.shakespeare as sk
@@ -232,7 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = tta(args) if args.job == "tta" else ownloop(args)
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -25,49 +25,25 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from common import (
+    BASELINE_QUICK,
     BENCH_DIR,
     DEFAULT_MNIST,
+    BaselineConfig,
     command_line,
     emit,
     machine_info,
     markdown_table,
     python_cmd,
-    read_result,
+    require_result,
     run_ranks,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    # MNIST folder (IDX files, plain, .gz or split .gz.partN).
-    data: str = str(DEFAULT_MNIST)
-    # Test accuracy to reach; the target for the seed MLP.
-    target: float = 0.975
-    # Give up after this many epochs; the seed MLP needs about 4 in one process.
-    max_epochs: float = 20.0
-    # Rank 0 evaluates every this many epochs (an epoch is one pass over all shards).
-    eval_every: float = 0.25
-    # Worker counts for time to accuracy; 1 means one plain process, no DDP.
-    worlds: tuple[int, ...] = (1, 2, 4)
-    # Use only the first N training samples (0: all 60,000); --quick uses a subset.
-    subset: int = 0
-    # Straggler runs: timed steps per worker, after untimed warm-up steps.
-    steps: int = 600
-    warmup_steps: int = 50
-    # Straggler runs: the slowed rank sleeps this many times its compute time per step.
-    slowdown: float = 3.0
-    # Deadline for one launch (all its workers); a hung rendezvous fails the benchmark.
-    timeout: float = 900.0
-
-
-QUICK = BaselineConfig(max_epochs=0.5, subset=4096, steps=30, warmup_steps=5, timeout=300.0)
 
 
 def launch(world: int, job: list[str], cfg: BaselineConfig) -> tuple[float, list[dict[str, Any]]]:
@@ -89,10 +65,7 @@ def launch(world: int, job: list[str], cfg: BaselineConfig) -> tuple[float, list
 
 
 def _result(out: str, rank: int) -> dict[str, Any]:
-    found = read_result(out)
-    if found is None:
-        raise RuntimeError(f"worker {rank} printed no result")
-    return found
+    return require_result(out, f"worker {rank}")
 
 
 # -- time to accuracy ------------------------------------------------------------------------
@@ -210,7 +183,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    cfg = QUICK if args.quick else BaselineConfig()
+    cfg = BASELINE_QUICK if args.quick else BaselineConfig()
     if args.data:
         cfg = replace(cfg, data=args.data)
     out: dict[str, Any] = {

@@ -20,19 +20,25 @@ Run: .venv/bin/python benchmarks/partition_heal.py [--quick] [--trials 3] [--pee
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_MNIST, REPO, command_line, emit, machine_info, markdown_table
+from common import (
+    DEFAULT_MNIST,
+    REPO,
+    command_line,
+    emit,
+    launch_local,
+    machine_info,
+    markdown_table,
+    read_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +56,10 @@ def default_net() -> str:
 
 
 def run_local(argv: Sequence[str], run_dir: Path, timeout: float) -> dict[str, Any]:
-    """One ``gossip-train local`` run; its summary and (when written) its report."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer.cli",
-        "local",
-        *argv,
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
-    ]
-    log.info("running %s", " ".join(cmd))
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    out: dict[str, Any] = {"summary": json.loads((run_dir / "summary.json").read_text())}
-    report = run_dir / "report.json"
-    out["report"] = json.loads(report.read_text()) if report.is_file() else None
-    out["wall_s"] = round(time.time() - t0, 1)
-    return out
+    """One ``gossip-train local`` run (``common.launch_local``; its output in RUN_DIR.out):
+    its summary, its report (when written) and its wall time."""
+    run = launch_local(run_dir, argv, timeout)
+    return {"summary": run.summary, "report": run.report(), "wall_s": round(run.exit_s, 1)}
 
 
 def accuracy_deltas(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = train_flags(args)
         base_dir = args.reuse_baseline or work / "baseline"
         if args.reuse_baseline:
-            base = {"summary": json.loads((base_dir / "summary.json").read_text()), "wall_s": None}
+            base = {"summary": read_summary(base_dir), "wall_s": None}
         else:
             base = run_local(flags, base_dir, 1800)
         rows = []

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, emit, machine_info, markdown_table
+from common import REPO, emit, machine_info, markdown_table, read_peers, read_proc, start_local
 
 from p2p.transport import TransportError
 from trainer.status import fetch_status
@@ -122,12 +122,8 @@ def status(addr: str) -> dict[str, Any] | None:
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a live process (a fork starts at zero), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # After the command name: state is field 3, utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    got = read_proc(pid)
+    return got[0] if got is not None else None
 
 
 def first_exchange(addr: str, timeout: float = START_TIMEOUT) -> float:
@@ -279,13 +275,6 @@ def free_port_run(n: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
-def local_peers(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        return list(json.loads((run_dir / "peers.json").read_text())["peers"])
-    except (OSError, ValueError, KeyError):
-        return []
-
-
 def restarts_from_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per restart, seconds from the fork ("spawned") to each of the peer's events."""
     rows = []
@@ -310,18 +299,11 @@ def restarts_from_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> dict[str, Any]:
     rng = random.Random(seed)
     run_dir = base / "local"
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer.cli",
-        "local",
+    args = [
         "--peers",
         str(peers),
         "--epochs",
         "100000",
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
         "--restart-failed",
         "--restart-delay",
         "0.5",
@@ -338,13 +320,13 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
         "--timeout",
         str(40 + 10 * kills),
     ]
-    with open(base / "local.err", "ab") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    # Its output goes to local.out; no /proc sampling (this script reads what it needs).
+    local = start_local(run_dir, args, interval=None)
     kills_done = []
     try:
 
         def all_spawned() -> list[dict[str, Any]]:
-            found = local_peers(run_dir)
+            found = read_peers(run_dir)
             return found if len(found) == peers and all(p["pid"] for p in found) else []
 
         info = wait_until("peers.json", all_spawned)
@@ -352,7 +334,7 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
             first_exchange(p["addr"])
         for k in range(kills):
             time.sleep(rng.uniform(1.0, 3.0))
-            victim = local_peers(run_dir)[k % peers]
+            victim = read_peers(run_dir)[k % peers]
             before = status(victim["addr"])
             t_kill = time.time()
             os.kill(victim["pid"], signal.SIGKILL)
@@ -360,7 +342,7 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
                 raise RuntimeError(f"{victim['name']} did not answer STATUS before the kill")
             ck_step, ck_time = newest_checkpoint(run_dir / victim["name"] / "checkpoints")
             t_back = first_exchange(victim["addr"])
-            now = next(p for p in local_peers(run_dir) if p["name"] == victim["name"])
+            now = next(p for p in read_peers(run_dir) if p["name"] == victim["name"])
             cpu = cpu_seconds(now["pid"]) if now["pid"] not in (None, victim["pid"]) else None
             kills_done.append(
                 {
@@ -372,12 +354,9 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
                     "rotation_cpu_s": cpu,
                 }
             )
-        proc.wait(timeout=40 + 10 * kills + 60)
+        summary = local.wait(timeout=40 + 10 * kills + 60, check=False).summary
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    summary = json.loads((run_dir / "summary.json").read_text())
+        local.stop()
     rows = restarts_from_summary(summary)
     for row, kill in zip(rows, kills_done, strict=True):
         if (

@@ -13,7 +13,7 @@ ready to be quoted in docs/.
 
     .venv/bin/python benchmarks/run_all.py                   # everything: about an hour on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick           # smoke run of everything
-    .venv/bin/python benchmarks/run_all.py --only exchange,training --out runs/bench
+    .venv/bin/python benchmarks/run_all.py --only exchange,tta,overhead --out runs/bench
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 NOT_BENCHMARKS = {"common", "run_all"}
 # Run these first, in this order (cheap and fundamental first); the rest alphabetically.
-ORDER = ("exchange", "baselines", "training", "checkpoint_stall")
+ORDER = ("exchange", "baselines", "tta", "straggler", "overhead", "startup", "memory",
+         "checkpoint_stall")  # fmt: skip
 # Smoke-run arguments for scripts that have no --quick.
 QUICK_ARGS = {"checkpoint_stall": ["--steps", "300"]}
 

@@ -17,7 +17,7 @@ validation windows). Every worker process starts from the same weights (seed 0).
   is started, so interpreter start, imports, data, rendezvous and every evaluation are
   included. One process and DDP stop at the evaluation that reaches the target; gossip
   peers run their whole step budget (the launcher cannot be stopped at a metric), and
-  their target time is read from their ``eval`` events (as ``training.py`` does). A
+  their target time is read from their ``eval`` events (as ``tta.py`` does). A
   variant that does not reach the target within its budget reports its best loss.
 - ``overhead``: the user's own loop (``benchmarks/_lm_worker.py --job ownloop``; batch 12,
   AdamW, one thread, ``--overhead-warmup`` untimed then ``--overhead-steps`` timed steps):
@@ -52,19 +52,22 @@ from typing import Any
 from common import (
     BENCH_DIR,
     REPO,
+    Launch,
     code_version,
     command_line,
     emit,
+    fmt,
+    launch_local,
+    load_now,
     machine_info,
     markdown_table,
     median,
     paired_ratios,
     python_cmd,
-    read_result,
+    require_result,
     run_ranks,
     wait_ready,
 )
-from training import Launch, launch_local
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +117,8 @@ QUICK = LMBenchConfig(
 )
 
 
-def load_now() -> float:
-    return os.getloadavg()[0]
-
-
 def worker_cmd(*args: str) -> list[str]:
     return [*python_cmd(), str(BENCH_DIR / "_lm_worker.py"), *args]
-
-
-def result_of(out: str, who: str) -> dict[str, Any]:
-    found = read_result(out)
-    if found is None:
-        raise RuntimeError(f"{who} printed no result")
-    return found
 
 
 def curve_rate(curve: Sequence[Sequence[float]]) -> float | None:
@@ -159,7 +151,7 @@ def ddp_tta(world: int, cfg: LMBenchConfig) -> dict[str, Any]:
             cmds,
             env,
             launched + cfg.timeout,
-            lambda out, rank: result_of(out, f"rank {rank}/{world}"),
+            lambda out, rank: require_result(out, f"rank {rank}/{world}"),
         )
     wall = time.time() - launched
     r0 = results[0]
@@ -379,7 +371,7 @@ class OwnLoopWorker:
             self.kill()
         if self.proc.returncode != 0:
             raise RuntimeError(f"own-loop worker exited with {self.proc.returncode}")
-        return result_of(out, "own-loop worker")
+        return require_result(out, "own-loop worker")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -488,10 +480,6 @@ def overhead(cfg: LMBenchConfig, work: Path) -> dict[str, Any]:
 
 
 # -- tables ---------------------------------------------------------------------------------------
-def fmt(v: Any, spec: str = ".2f", none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
 def tta_table(r: dict[str, Any], cfg: LMBenchConfig) -> str:
     rows, details = [], []
     for name, m in r["rows"].items():

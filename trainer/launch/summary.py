@@ -80,6 +80,7 @@ def peer_record(
             if e.get(rename or key) is not None:
                 return e[rename or key]
         return None
+
     finished = next((e for e in reversed(life) if e.get("kind") == "finished"), None)
     error = next((e for e in reversed(life) if e.get("kind") == "error"), None)
     exits = [e for e in mine if e.get("kind") == "exited"]
@@ -139,7 +140,9 @@ def build(run_dir: str | Path, wall: float | None = None, consensus: bool = True
     t0 = float(run["ts"])
     launcher = read_events(run_dir / LAUNCHER_EVENTS)
     chaos = read_events(run_dir / CHAOS_EVENTS)
-    peers, timeline, progress = [], [], []
+    peers: list[dict[str, Any]] = []
+    timeline: list[dict[str, Any]] = []
+    progress: list[dict[str, Any]] = []
     train_cfg: TrainConfig | None = None
     for name, addr, folder in _peer_dirs(run_dir, run):
         events = read_events(folder / "events.jsonl")

@@ -66,8 +66,8 @@ FINISHED = "finished"  # the meta of a member that has trained its last step
 LEAVE_TIMEOUT = 2.0
 CLOSE_TIMEOUT = 5.0
 ABORT_TIMEOUT = 0.5
-# Longest wait for the one exchange a peer makes after every member has finished.
-LAST_EXCHANGE_SECONDS = 2.0
+# Rounds a peer tries for its one exchange after every member has finished.
+LAST_EXCHANGE_ROUNDS = 3
 
 
 class AgentError(Exception):
@@ -386,7 +386,7 @@ class Agent:
                 break
             if not self.still_training():
                 reason = "all finished"
-                await self._last_exchange(interval, start + limit)
+                await self._last_exchange(start + limit)
                 break
             self._kick.set()
             await asyncio.sleep(interval)
@@ -394,16 +394,20 @@ class Agent:
         self.linger_reason = reason
         self.emit("lingered", seconds=self.lingered, reason=reason)
 
-    async def _last_exchange(self, interval: float, deadline: float) -> None:
+    async def _last_exchange(self, deadline: float) -> None:
         """Everyone has finished: one more exchange (ours or a neighbour's) so the weights
-        we save include the others' last steps, then go. Two peers end equal this way."""
+        we save include the others' last steps, then go. Two peers end equal this way.
+
+        A few rounds at most, each over at once when the neighbours decline (a neighbour
+        already saving its final model does): it never holds a peer that has nobody left."""
         if self.membership is None or not self.membership.alive_addrs():
             return
         before = self.exchanger.exchanges
-        until = min(deadline, time.monotonic() + LAST_EXCHANGE_SECONDS)
-        while self.exchanger.exchanges == before and time.monotonic() < until:
-            self._kick.set()
-            await asyncio.sleep(min(interval, 0.05))
+        for _ in range(LAST_EXCHANGE_ROUNDS):
+            if self.exchanger.exchanges != before or time.monotonic() >= deadline:
+                return
+            await self.gossip_round()
+            await asyncio.sleep(self.rng.uniform(0.0, 0.01))
 
     # -- reporting -------------------------------------------------------------------------------
     def members(self) -> list[dict[str, Any]]:

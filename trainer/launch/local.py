@@ -167,6 +167,8 @@ class LocalRun:
         self._all_started = asyncio.Event()
         self.driver: Driver | None = None
         self.zygote: Zygote | None = None
+        self.summarized = False  # summary.json written by a zygote child
+        self.wall: float | None = None
 
     # -- networks ------------------------------------------------------------------------------
     def make_namespaces(self) -> NamespaceNet:
@@ -497,8 +499,24 @@ class LocalRun:
             if isinstance(self.net, ProxyNet):
                 await self.net.close()
             if self.zygote is not None:
+                await self._summarize_in_zygote()
                 await self.zygote.close()
             self._draw(final=True)
+
+    async def _summarize_in_zygote(self) -> None:
+        """The summary and consensus need torch: the zygote has it loaded, so a child of it
+        builds them in a fraction of the time this process would need to import it."""
+        assert self.zygote is not None
+        self.wall = time.time() - self.t0
+        self.log_file.close()  # everything the launcher knows is on disk
+        try:
+            rc = await self.zygote.summarize(
+                str(self.run_dir), self.wall, str(self.run_dir / "summary.log")
+            )
+        except (ZygoteError, OSError) as exc:
+            log.warning("summary in the zygote failed (%s); building it here", exc)
+            return
+        self.summarized = rc == 0
 
     async def _settle(self) -> None:
         """Let the waiters read the stopped peers' last events, then drop them."""
@@ -578,6 +596,8 @@ class LocalRun:
 def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     """Consensus model, summary.json and progress.jsonl, from the run's files."""
     run.log_file.close()
+    if run.summarized:
+        return json.loads((run.run_dir / "summary.json").read_text())
     return run_summary.write(run.run_dir, wall)
 
 

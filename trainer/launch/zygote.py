@@ -13,6 +13,7 @@ the write end of the child's event channel (a pipe) as an SCM_RIGHTS file descri
 launcher reads the child's events exactly as from a subprocess's.
 
     -> {"op": "spawn", "id": 3, "config": PATH, "log": PATH}      + fd (child's events)
+    -> {"op": "spawn", "id": 4, "job": "summary", "run_dir": PATH, "wall": S, "log": PATH} + fd
     <- {"op": "ready"} | {"op": "error", "error": "..."}          once, after pre-loading
     <- {"op": "spawned", "id": 3, "pid": 1234}
     <- {"op": "exited", "pid": 1234, "rc": 0}     (rc is -N when killed by signal N)
@@ -64,9 +65,16 @@ def _child(req: dict[str, Any], events_fd: int, sock: socket.socket) -> None:
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
-        from trainer.peer import main
+        if req.get("job") == "summary":
+            from trainer.launch.summary import write
 
-        rc = main(str(req["config"]), events_fd)
+            os.close(events_fd)
+            write(str(req["run_dir"]), req.get("wall"))
+            rc = 0
+        else:
+            from trainer.peer import main
+
+            rc = main(str(req["config"]), events_fd)
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - a child must never return into the zygote loop
@@ -85,7 +93,8 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
 
 
 def _spawn(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int | None:
-    paths_ok = all(isinstance(req.get(k), str) for k in ("config", "log"))
+    job = "run_dir" if req.get("job") == "summary" else "config"
+    paths_ok = all(isinstance(req.get(k), str) for k in (job, "log"))
     if len(fds) != 1 or not paths_ok:
         for fd in fds:
             os.close(fd)
@@ -383,8 +392,20 @@ class Zygote:
             else:  # exited before spawn() registered it
                 self._early_exits[pid] = rc
 
+    async def summarize(self, run_dir: str, wall: float, log_path: str) -> int:
+        """Build the run's summary (and consensus model) in a forked child, which has torch
+        and the data set loaded already; its exit status."""
+        job = {"job": "summary", "run_dir": run_dir, "wall": wall, "log": log_path}
+        child, events = await self._fork(job)
+        while await events.readline():
+            pass
+        return await child.wait()
+
     async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, asyncio.StreamReader]:
         """Fork a peer running ``config``; return it and the reader of its event channel."""
+        return await self._fork({"config": config, "log": log_path})
+
+    async def _fork(self, request: dict[str, Any]) -> tuple[ZygoteChild, asyncio.StreamReader]:
         if self._sock is None or not self.alive:
             raise ZygoteError("the peer zygote is not running")
         loop = asyncio.get_running_loop()
@@ -393,7 +414,7 @@ class Zygote:
         req_id = self._next_id
         fut: asyncio.Future[int | None] = loop.create_future()
         self._spawned[req_id] = fut
-        msg = json.dumps({"op": "spawn", "id": req_id, "config": config, "log": log_path})
+        msg = json.dumps({"op": "spawn", "id": req_id, **request})
         try:
             self._sock.sendmsg(
                 [msg.encode()],

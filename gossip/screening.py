@@ -1,0 +1,227 @@
+"""Robust mixing: every received update is screened and bounded before it is mixed.
+
+A peer mixes ``alpha * (remote - ours)`` into its weights (``gossip.averaging``). A member
+that holds the cluster secret can send anything: zeros, our weights negated, scaled up,
+drowned in noise. ``UpdateGuard`` (a fixed multiple of our own norm) lets all of those
+through. ``Screen`` judges each delta by how far it is from what honest neighbours have
+recently sent, and bounds how far any one exchange may move us:
+
+- **Reference.** The median norm of the last ``window`` accepted deltas (all neighbours
+  together). Honest deltas between peers of one swarm are differences of high-dimensional
+  vectors that trained for a similar time from the same start, so their norms cluster
+  tightly; a median ignores a minority of odd ones, so a poisoner that is fewer than half
+  of the exchanges cannot move it.
+- **Refuse.** A delta longer than ``refuse_multiple`` times the reference is refused; so is
+  one longer than ``own_fraction`` times our own norm (a zero vector is exactly our norm
+  away; a negated one twice that), whatever the reference says.
+- **Clip.** An accepted delta longer than ``clip_multiple`` times the reference is scaled
+  down to that length before it is mixed (self-centred clipping, He, Karimireddy and Jaggi
+  2022): one exchange moves us at most ``alpha * clip_multiple * reference``.
+- **Warm-up.** Until ``warmup`` deltas have been accepted there is no reference. Peers
+  start from identical weights (same seed), so early honest deltas are a small fraction of
+  the weights' norm; a delta beyond ``own_fraction`` of our norm is refused then, and every
+  poisoned vector above (zero, negated, scaled by 2 or more, noise larger than the weights)
+  is beyond it from step 0.
+- **Are we the outlier?** If more of the neighbours we have judged look far (their last
+  delta was beyond the reference bound) than near, the odd one out is more likely us (we
+  were partitioned, paused, or our reference is stale) than a majority of them. We then
+  judge by the warm-up bound instead of the reference, so we can rejoin the others.
+- **Quarantine.** A neighbour refused ``quarantine_after`` times in a row is quarantined:
+  no exchange with it, neither started nor answered, for ``quarantine_seconds``, doubling
+  with each new quarantine up to ``quarantine_max_seconds``. After release one more refusal
+  quarantines it again; an accepted delta clears its record.
+
+Pure code: no I/O, the caller passes the time. One ``Screen`` per exchanger; it keeps a few
+floats per neighbour and never touches the weight vectors (the caller scales the delta).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RobustMixing:
+    # Screen and clip received updates (False: only UpdateGuard's checks, as before).
+    enabled: bool = True
+    # Accepted delta norms remembered; their median is the reference.
+    window: int = 32
+    # Accepted deltas needed before the reference is used; until then, the warm-up bound.
+    warmup: int = 8
+    # Refuse a delta longer than this fraction of our own weights' norm, always (a zero
+    # vector is 1.0 away, a negated one 2.0). Honest deltas at the first exchange measured
+    # 0.21 (iid) and 0.36 (Dirichlet 0.5) on the bundled data set with period 20.
+    own_fraction: float = 0.75
+    # With a reference: refuse a delta longer than this multiple of it ...
+    refuse_multiple: float = 4.0
+    # ... and clip an accepted one to this multiple of it.
+    clip_multiple: float = 2.0
+    # A delta shorter than this fraction of our norm is never refused nor clipped shorter:
+    # a reference near zero (peers that just averaged twice) must not refuse everything.
+    floor_fraction: float = 0.01
+    # Refusals in a row that quarantine a neighbour ...
+    quarantine_after: int = 3
+    # ... for this many seconds, doubling with each new quarantine, up to the maximum.
+    quarantine_seconds: float = 10.0
+    quarantine_max_seconds: float = 160.0
+
+
+@dataclass
+class Verdict:
+    """What to do with one delta: mix it scaled by ``scale``, or refuse it (``reason``)."""
+
+    accepted: bool
+    scale: float = 1.0  # < 1: clipped
+    norm: float = 0.0  # ||remote - ours||
+    limit: float = math.inf  # refused beyond this norm
+    reference: float | None = None  # the median in force (None: the warm-up bound)
+    reason: str = ""
+    quarantine: float = 0.0  # > 0: this refusal quarantined the neighbour for so many s
+
+    @property
+    def clipped(self) -> bool:
+        return self.accepted and self.scale < 1.0
+
+
+@dataclass
+class _Standing:
+    """What we remember of one neighbour."""
+
+    refused_in_row: int = 0
+    level: int = 0  # quarantines since its last accepted delta (the back-off exponent)
+    until: float = 0.0  # quarantined until this time
+    far: bool = False  # its last delta was beyond the reference bound
+    why: str = ""
+
+
+# Neighbours remembered; beyond this the one judged longest ago is forgotten.
+MAX_STANDINGS = 4096
+
+
+@dataclass
+class Screen:
+    config: RobustMixing = field(default_factory=RobustMixing)
+
+    def __post_init__(self) -> None:
+        self.norms: deque[float] = deque(maxlen=max(1, self.config.window))
+        self.standings: dict[str, _Standing] = {}
+        self.accepted = 0
+        self.refused = 0
+        self.clipped = 0
+        self.quarantines = 0
+        self.largest_ratio = 0.0  # largest accepted norm / reference seen
+
+    def reset(self) -> None:
+        """Forget everything (a peer whose own weights were replaced)."""
+        self.__post_init__()
+
+    # -- the reference -------------------------------------------------------------------------
+    def reference(self) -> float | None:
+        """Median of the recently accepted delta norms; None during warm-up."""
+        if len(self.norms) < max(1, self.config.warmup):
+            return None
+        ordered = sorted(self.norms)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+    def outlier(self) -> bool:
+        """More of the neighbours we judged look far than near: the odd one out is us."""
+        far = sum(1 for s in self.standings.values() if s.far)
+        return far > len(self.standings) - far
+
+    # -- judging -------------------------------------------------------------------------------
+    def judge(self, peer: str, dist_sq: float, snap_sq: float, now: float) -> Verdict:
+        """The verdict on a delta of squared norm ``dist_sq`` from ``peer``, our own weights
+        having squared norm ``snap_sq`` (both finite: ``averaging.judge`` checked)."""
+        cfg = self.config
+        norm, own = math.sqrt(dist_sq), math.sqrt(snap_sq)
+        ceiling, floor = cfg.own_fraction * own, cfg.floor_fraction * own
+        ref = self.reference()
+        far_at = ceiling if ref is None else min(max(cfg.refuse_multiple * ref, floor), ceiling)
+        standing = self._standing(peer)
+        standing.far = norm > far_at
+        used = None if ref is None or self.outlier() else ref
+        if used is None:
+            limit = tau = ceiling  # warm-up, or we are the outlier
+        else:
+            limit = far_at
+            tau = min(max(cfg.clip_multiple * used, floor), ceiling)
+        if norm > limit:
+            if used:
+                what = f"{norm / used:.1f}x the recent median"
+            elif used is not None:
+                what = "the recent median is 0"
+            else:
+                what = f"{norm / own:.2f}x our own norm"
+                if ref is not None:
+                    what += "; we look like the outlier, so the warm-up bound applies"
+            reason = f"update implausibly far from ours ({norm:.3g} > {limit:.3g}: {what})"
+            return self._refuse(peer, standing, reason, now, norm, limit, used)
+        scale = tau / norm if norm > tau > 0 else 1.0
+        self.norms.append(norm)
+        self.accepted += 1
+        self.clipped += scale < 1.0
+        if used:
+            self.largest_ratio = max(self.largest_ratio, norm / used)
+        standing.refused_in_row = 0
+        standing.level = 0
+        return Verdict(True, scale, norm, limit, used)
+
+    def refuse(self, peer: str, reason: str, now: float) -> Verdict:
+        """Count a refusal decided elsewhere (non-finite, wrong size): it quarantines too."""
+        standing = self._standing(peer)
+        standing.far = True
+        return self._refuse(peer, standing, reason, now, math.nan, math.nan, self.reference())
+
+    def _refuse(
+        self,
+        peer: str,
+        standing: _Standing,
+        reason: str,
+        now: float,
+        norm: float,
+        limit: float,
+        ref: float | None,
+    ) -> Verdict:
+        cfg = self.config
+        self.refused += 1
+        standing.refused_in_row += 1
+        standing.why = reason
+        verdict = Verdict(False, 0.0, norm, limit, ref, reason)
+        if standing.refused_in_row >= max(1, cfg.quarantine_after):
+            seconds = min(cfg.quarantine_max_seconds, cfg.quarantine_seconds * 2**standing.level)
+            standing.level += 1
+            standing.until = now + seconds
+            self.quarantines += 1
+            verdict.quarantine = seconds
+        return verdict
+
+    def quarantined(self, peer: str, now: float) -> float:
+        """Seconds ``peer`` stays quarantined (0: not quarantined)."""
+        standing = self.standings.get(peer)
+        return max(0.0, standing.until - now) if standing is not None else 0.0
+
+    def why(self, peer: str) -> str:
+        standing = self.standings.get(peer)
+        return standing.why if standing is not None else ""
+
+    def _standing(self, peer: str) -> _Standing:
+        standing = self.standings.pop(peer, None) or _Standing()
+        self.standings[peer] = standing  # most recently judged last
+        if len(self.standings) > MAX_STANDINGS:
+            del self.standings[next(iter(self.standings))]
+        return standing
+
+    def stats(self) -> dict[str, Any]:
+        ref = self.reference()
+        return {
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "clipped": self.clipped,
+            "quarantines": self.quarantines,
+            "reference": None if ref is None else round(ref, 6),
+            "largest_ratio": round(self.largest_ratio, 3),
+        }

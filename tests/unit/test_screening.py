@@ -1,0 +1,182 @@
+"""Robust mixing's statistics (gossip.screening): warm-up, refusal, clipping, quarantine."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gossip.screening import RobustMixing, Screen
+
+OWN = 10.0  # our own weights' norm in these tests
+
+
+def judge(screen, peer, norm, now=0.0, own=OWN):
+    return screen.judge(peer, norm * norm, own * own, now)
+
+
+def warmed(reference=1.0, peers="abc", n=None):
+    """A screen that has accepted ``window`` deltas of norm ``reference`` from ``peers``."""
+    screen = Screen()
+    for i in range(n or screen.config.window):
+        assert judge(screen, peers[i % len(peers)], reference).accepted
+    return screen
+
+
+def poisons(rng, size=10_000):
+    """Our weights w, and what each hostile mode sends instead of a neighbour's weights."""
+    w = rng.normal(scale=0.02, size=size)
+    return w, {
+        "zero": np.zeros_like(w),
+        "negate": -w,
+        "scale": 10 * w,
+        "noise": w + rng.normal(scale=10 * np.sqrt(np.mean(w**2)), size=size),
+    }
+
+
+@pytest.mark.parametrize("mode", ["zero", "negate", "scale", "noise"])
+def test_during_warm_up_every_poison_is_refused_and_early_honest_deltas_pass(mode):
+    rng = np.random.default_rng(1)
+    w, sent = poisons(rng)
+    screen = Screen()
+    assert screen.reference() is None  # nothing accepted yet: no statistic
+    delta = sent[mode] - w
+    verdict = screen.judge("evil", float(delta @ delta), float(w @ w), 0.0)
+    assert not verdict.accepted and "implausibly far" in verdict.reason
+    # A neighbour that trained for a while from the same start: a fifth of our norm away.
+    honest = w + rng.normal(scale=0.2 * np.sqrt(np.mean(w**2)), size=w.size)
+    delta = honest - w
+    verdict = screen.judge("good", float(delta @ delta), float(w @ w), 0.0)
+    assert verdict.accepted and verdict.scale == 1.0
+
+
+def test_the_reference_is_the_median_of_accepted_deltas_once_warm():
+    screen = Screen(RobustMixing(warmup=3, window=5))
+    for norm in (1.0, 9.0):
+        judge(screen, "a", norm, own=100.0)
+    assert screen.reference() is None
+    judge(screen, "a", 2.0, own=100.0)
+    assert screen.reference() == 2.0  # median of 1, 9, 2
+    for norm in (3.0, 3.0, 3.0):
+        judge(screen, "a", norm, own=100.0)
+    assert list(screen.norms) == [9.0, 2.0, 3.0, 3.0, 3.0] and screen.reference() == 3.0
+
+
+@pytest.mark.parametrize("norm", [4.5, 10.0, 20.0])
+def test_after_warm_up_a_delta_far_beyond_the_median_is_refused(norm):
+    screen = warmed(reference=1.0)
+    verdict = judge(screen, "d", norm)
+    assert not verdict.accepted
+    assert verdict.limit == pytest.approx(4.0) and verdict.reference == pytest.approx(1.0)
+    assert "x the recent median" in verdict.reason
+
+
+def test_a_zero_vector_is_refused_even_when_the_median_has_been_inflated():
+    # Accepted deltas 0.7 of our own norm (a poisoned statistic): the own-norm ceiling still
+    # refuses a vector our norm away.
+    screen = warmed(reference=0.7 * OWN)
+    verdict = judge(screen, "d", OWN)
+    assert not verdict.accepted and verdict.limit == pytest.approx(0.75 * OWN)
+
+
+def test_clipping_bounds_how_far_one_update_moves_us():
+    screen = warmed(reference=1.0)
+    assert judge(screen, "a", 1.5).scale == 1.0  # within clip_multiple: as it is
+    verdict = judge(screen, "a", 3.0)
+    assert verdict.accepted and verdict.clipped
+    assert verdict.scale * 3.0 == pytest.approx(2.0)  # scaled down to 2 x the median
+    assert screen.clipped == 1
+    # However long an accepted delta, what is mixed is at most clip_multiple x reference.
+    for norm in np.linspace(0.1, 3.99, 50):
+        v = judge(screen, "b", float(norm))
+        assert v.accepted and v.scale * norm <= 2.0 * screen.reference() + 1e-9
+
+
+def test_honest_deltas_that_vary_as_non_iid_ones_do_raise_no_alarm():
+    # Log-normal spread (sigma 0.25: a 90% range of 0.66x-1.5x around the median), a slow
+    # trend down as training converges, and now and then a pair that just averaged (tiny).
+    rng = np.random.default_rng(7)
+    screen = Screen()
+    for i in range(5000):
+        norm = 0.5 * math.exp(-i / 4000) * rng.lognormal(0.0, 0.25)
+        if i % 37 == 0:
+            norm *= 0.01
+        assert judge(screen, f"p{i % 6}", norm, now=i * 0.1).accepted, (i, norm)
+    assert screen.refused == 0 and screen.quarantines == 0
+    assert screen.clipped < 0.03 * screen.accepted and screen.largest_ratio < 4.0
+
+
+def test_a_reference_near_zero_does_not_refuse_everything():
+    screen = warmed(reference=0.0)  # peers that just averaged send identical weights
+    assert screen.reference() == 0.0
+    verdict = judge(screen, "a", 0.009 * OWN)  # within floor_fraction of our norm
+    assert verdict.accepted and verdict.scale == 1.0
+    assert not judge(screen, "a", 0.02 * OWN).accepted
+
+
+def test_repeated_refusals_quarantine_with_a_doubling_back_off_and_release():
+    screen = warmed(reference=1.0)
+    assert judge(screen, "evil", 50.0, now=100.0).quarantine == 0
+    assert judge(screen, "evil", 50.0, now=101.0).quarantine == 0
+    assert screen.quarantined("evil", 101.0) == 0
+    third = judge(screen, "evil", 50.0, now=102.0)
+    assert third.quarantine == 10.0 and screen.quarantines == 1
+    assert screen.quarantined("evil", 105.0) == pytest.approx(7.0)
+    assert screen.quarantined("good", 105.0) == 0 and screen.quarantined("a", 105.0) == 0
+    assert "implausibly far" in screen.why("evil")
+    assert screen.quarantined("evil", 112.0) == 0  # released
+    # On parole: the next refusal quarantines again, twice as long, and so on to the cap.
+    assert judge(screen, "evil", 50.0, now=113.0).quarantine == 20.0
+    seconds = [judge(screen, "evil", 50.0, now=200.0 + 200 * k).quarantine for k in range(6)]
+    assert seconds == [40.0, 80.0, 160.0, 160.0, 160.0, 160.0]
+    # An accepted delta clears the record: three refusals in a row again, from 10 s.
+    assert judge(screen, "evil", 1.0, now=2000.0).accepted
+    assert [judge(screen, "evil", 50.0, now=2001.0).quarantine for _ in range(3)] == [0, 0, 10.0]
+
+
+def test_refusals_between_acceptances_do_not_quarantine():
+    screen = warmed(reference=1.0)
+    for k in range(10):
+        assert not judge(screen, "odd", 50.0, now=k).accepted
+        assert judge(screen, "odd", 1.0, now=k).accepted
+    assert screen.quarantines == 0 and screen.refused == 10
+
+
+def test_refusals_decided_elsewhere_count_towards_quarantine():
+    screen = Screen()
+    verdicts = [screen.refuse("nan", "weight vector holds NaN or infinity", 5.0) for _ in range(3)]
+    assert [v.accepted for v in verdicts] == [False] * 3
+    assert verdicts[-1].quarantine == 10.0 and screen.quarantined("nan", 6.0) == 9.0
+
+
+def test_the_odd_one_out_judges_by_the_warm_up_bound_so_it_can_rejoin():
+    # Our reference is from before a partition; the others trained on without us.
+    screen = warmed(reference=1.0, peers="a")
+    assert not judge(screen, "b", 6.0).accepted  # b far, a near: b looks like the odd one
+    verdict = judge(screen, "c", 6.0)  # c far too: two of three far, so it is us
+    assert verdict.accepted and verdict.reference is None
+    assert verdict.scale == 1.0  # the warm-up bound clips nothing below it
+    assert not judge(screen, "c", 0.8 * OWN).accepted  # a poison is still refused
+    # Once the others are near again, the reference is back in force.
+    judge(screen, "b", 1.0)
+    judge(screen, "c", 1.0)
+    assert not screen.outlier() and not judge(screen, "a", 6.0).accepted
+
+
+def test_one_poisoner_among_honest_neighbours_does_not_make_us_the_outlier():
+    screen = warmed(reference=1.0, peers="abc")
+    for k in range(20):
+        judge(screen, "evil", OWN, now=k)
+    assert screen.outlier() is False
+    assert all(not judge(screen, "evil", 5.0, now=100 + k).accepted for k in range(5))
+
+
+def test_reset_and_stats():
+    screen = warmed(reference=1.0)
+    judge(screen, "a", 3.0)
+    judge(screen, "e", 40.0)
+    stats = screen.stats()
+    assert stats["accepted"] == 33 and stats["refused"] == 1 and stats["clipped"] == 1
+    assert stats["reference"] == 1.0 and stats["largest_ratio"] == 3.0
+    screen.reset()
+    assert screen.reference() is None and screen.stats()["accepted"] == 0
+    assert screen.quarantined("e", 0.0) == 0

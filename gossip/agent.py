@@ -115,6 +115,7 @@ class Agent:
         self.node = Node(transport, config.name or "?", NodeConfig(cluster=config.cluster))
         self.exchanger = Exchanger(self.node, store, config.gossip)
         self.exchanger.step_fn = step
+        self.exchanger.on_event = self.emit  # refusals and quarantines of robust mixing
         self.membership: Membership | None = None
         self.status = "starting"
         self.exchange_seconds = 0.0
@@ -296,6 +297,29 @@ class Agent:
         finally:
             self.exchanger.ready = True
 
+    async def resync(self) -> str | None:
+        """Take a live neighbour's current weights in place of ours, as a restarted peer's
+        catch-up does, and forget what our screen learnt: for a peer whose own weights are
+        known to be bad (a poisoned peer under the chaos tool, once cured). Offers are
+        declined meanwhile. Returns the neighbour's address, None if none answered."""
+        self.exchanger.screen.reset()
+        self.exchanger.ready = False
+        t0 = time.monotonic()
+        try:
+            for addr in self.neighbours()[:3]:
+                try:
+                    remote, step = await self.exchanger.pull(addr)
+                except (IncompatiblePeer, TransportError, OSError, TimeoutError, ValueError) as exc:
+                    log.info("resync from %s failed: %s", addr, exc)
+                    continue
+                await asyncio.to_thread(self._load, remote)
+                seconds = round(time.monotonic() - t0, 3)
+                self.emit("caught_up", source=addr, remote_step=step, seconds=seconds, resync=True)
+                return addr
+        finally:
+            self.exchanger.ready = True
+        return None
+
     def _load_array(self, vector: np.ndarray) -> None:
         with self.store.lock:
             self.store.array[:] = vector
@@ -318,7 +342,7 @@ class Agent:
         addrs = [
             addr
             for _, addr in self.membership.alive_addrs()
-            if addr not in self.exchanger.incompatible
+            if addr not in self.exchanger.incompatible and not self.exchanger.quarantined(addr)
         ]
         return partner_order(addrs, self._partnered, self.rng)
 

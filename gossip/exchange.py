@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
 from .averaging import MAX_LAYOUT, DeltaStream, UpdateGuard, UpdateRejected, layout_diff
+from .screening import RobustMixing, Screen, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,8 @@ class GossipConfig:
     # Connections to neighbours kept open between exchanges (least recently used dropped).
     max_connections: int = 16
     guard: UpdateGuard = field(default_factory=UpdateGuard)
+    # Screening, clipping and quarantine of received updates (gossip.screening).
+    robust: RobustMixing = field(default_factory=RobustMixing)
 
     def deadline(self, nbytes: int) -> float:
         return self.deadline_base + 2 * nbytes / self.deadline_min_rate
@@ -192,6 +196,15 @@ class Exchanger:
         # loop did meanwhile, little next to an exchange) plus the worker threads'.
         self.cpu_seconds = 0.0
         self.incompatible: dict[str, str] = {}  # addr or name -> why we stopped trying it
+        # Robust mixing (gossip.screening): judges every delta before it is mixed, and
+        # quarantines neighbours refused again and again. Keyed by advertised address.
+        self.screen = Screen(self.config.robust)
+        # False: take part in exchanges but mix nothing in. The chaos tool's poisoned peer
+        # plays a hostile member this way: what it sends stays its poison.
+        self.apply_received = True
+        # Told what the screen decides: on_event("refused" | "quarantined", **fields).
+        self.on_event: Callable[..., None] = lambda kind, **fields: None
+        self._names: dict[str, str] = {}  # advertised address -> member name
         self.step_fn: Callable[[], int] = lambda: 0  # our training progress, sent with pulls
         self.training = True  # said in our offers; lingering peers wait for those to stop
         self.last_training_offer = time.monotonic()  # when a training peer last offered
@@ -215,6 +228,8 @@ class Exchanger:
         """One push-pull with ``addr``. Never raises for network trouble: see ``Outcome``."""
         if self._busy:
             return Outcome(False, addr, "we are busy", busy=True)
+        if self.quarantined(addr):
+            return Outcome(False, addr, f"quarantined: {self.screen.why(addr)}")
         self._busy = True
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
@@ -248,6 +263,7 @@ class Exchanger:
             if reply.type != MsgType.EXCH_ACCEPT:
                 kept = reply.type == MsgType.EXCH_DECLINE
                 return self._declined(addr, reply)
+            self._learn_name(addr, reply.header.get("name"))
             # The responder's payload is read by the connection's callbacks meanwhile, so
             # sending first and then waiting for the reply moves both at once.
             send_failed: TransportError | None = None
@@ -283,6 +299,7 @@ class Exchanger:
             "schema": self.store.schema,
             "nbytes": self.store.nbytes,
             "name": self.node.name,
+            "addr": self.node.addr,
             "training": self.training,
         }
 
@@ -346,19 +363,73 @@ class Exchanger:
         return stream
 
     async def _apply(self, addr: str, stream: DeltaStream, frame: Frame) -> None:
+        """Judge the delta ``addr`` sent (finite, plausible, screened) and mix it in."""
         try:
-            if frame.type != MsgType.EXCH_PAYLOAD or frame.payload.nbytes != self._snap.nbytes:
-                raise UpdateRejected(f"{addr} sent a malformed payload")
-            try:
-                delta = stream.finish(np.frombuffer(frame.payload, dtype=np.float32))
-            except UpdateRejected as exc:
-                if str(exc).startswith("our own"):
-                    self._check_own = True
-                raise
-            await self._mix(delta)
+            delta = self._judged(addr, stream, frame)
+            if delta is not None:
+                await self._mix(delta)
         finally:
             frame.release()
         self.exchanges += 1
+
+    def _judged(self, addr: str, stream: DeltaStream, frame: Frame) -> np.ndarray | None:
+        """The delta to mix (clipped if need be), None if we mix nothing in; raises
+        ``UpdateRejected`` for a refused one."""
+        screening = self.config.robust.enabled and self.apply_received
+        try:
+            if frame.type != MsgType.EXCH_PAYLOAD or frame.payload.nbytes != self._snap.nbytes:
+                raise UpdateRejected(f"{addr} sent a malformed payload")
+            delta = stream.finish(np.frombuffer(frame.payload, dtype=np.float32))
+        except UpdateRejected as exc:
+            if str(exc).startswith("our own"):
+                self._check_own = True
+                raise
+            if not self.apply_received:
+                return None
+            if screening:
+                self._screened(addr, self.screen.refuse(addr, str(exc), time.monotonic()))
+            raise
+        if not self.apply_received:
+            return None
+        if screening:
+            verdict = self.screen.judge(addr, stream.dist_sq, stream.snap_sq, time.monotonic())
+            self._screened(addr, verdict)
+            if verdict.scale < 1.0:
+                delta *= np.float32(verdict.scale)  # clipped: one pass, in place
+        return delta
+
+    def _screened(self, addr: str, verdict: Verdict) -> None:
+        """Report a refusal (and a quarantine it started); raise ``UpdateRejected``."""
+        if verdict.accepted:
+            return
+        name = self._names.get(addr, addr)
+        fields: dict[str, Any] = {"subject": name, "addr": addr, "reason": verdict.reason}
+        if math.isfinite(verdict.norm):
+            fields.update(norm=round(verdict.norm, 6), limit=round(verdict.limit, 6))
+        if verdict.reference is not None:
+            fields["reference"] = round(verdict.reference, 6)
+        self.on_event("refused", **fields)
+        if verdict.quarantine > 0:
+            log.warning("quarantined %s for %.0f s: %s", name, verdict.quarantine, verdict.reason)
+            self.on_event(
+                "quarantined",
+                subject=name,
+                addr=addr,
+                seconds=round(verdict.quarantine, 3),
+                refusals=self.screen.standings[addr].refused_in_row,
+                reason=verdict.reason,
+            )
+        raise UpdateRejected(verdict.reason)
+
+    def quarantined(self, addr: str) -> float:
+        """Seconds we still refuse to exchange with ``addr`` (0: we do exchange)."""
+        if not (self.config.robust.enabled and self.apply_received):
+            return 0.0
+        return self.screen.quarantined(addr, time.monotonic())
+
+    def _learn_name(self, addr: str, name: Any) -> None:
+        if isinstance(name, str) and name and len(self._names) < 4096:
+            self._names[addr] = name
 
     async def _mix(self, delta: np.ndarray) -> None:
         """current += delta (already scaled): one pass, no temporary."""
@@ -372,15 +443,23 @@ class Exchanger:
             return
         if h.get("training") is True:
             self.last_training_offer = time.monotonic()
+        # Who offers: its advertised address (what we dial it by), else its name.
+        peer = str(h.get("addr") or h.get("name") or conn.peer)
+        self._learn_name(peer, h.get("name"))
         if self._busy or not self.ready:
             await conn.send(MsgType.EXCH_DECLINE, {"busy": True, "reason": "busy"})
+            return
+        left = self.quarantined(peer)
+        if left:
+            reason = f"quarantined for {left:.0f} s more: {self.screen.why(peer)}"
+            await conn.send(MsgType.EXCH_DECLINE, {"quarantined": True, "reason": reason})
             return
         self._busy = True
         cpu0 = time.thread_time()
         recv_task: asyncio.Task[Frame] | None = None
         try:
             async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
-                await conn.send(MsgType.EXCH_ACCEPT, {})
+                await conn.send(MsgType.EXCH_ACCEPT, {"name": self.node.name})
                 recv_task = asyncio.create_task(conn.recv())
                 try:
                     stream = await self._send_snapshot(conn)
@@ -391,7 +470,7 @@ class Exchanger:
                     return
                 payload = await recv_task
                 conn.watch_payload(None)
-                await self._apply(conn.peer, stream, payload)
+                await self._apply(peer, stream, payload)
         except UpdateRejected as exc:
             self.rejected += 1
             log.warning("refused weights from %s: %s", h.get("name"), exc)

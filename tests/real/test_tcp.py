@@ -14,9 +14,12 @@ from p2p.transport import TcpTransport, TransportError
 
 
 async def tcp_peer(name, size, seed, limits=None):
+    """A peer over TCP whose weights share a start with every other (seed 0) and differ by
+    a little noise of their own (``seed``), as a swarm's do: robust mixing accepts them."""
     node = Node(TcpTransport(limits), name)
     await node.start("127.0.0.1", 0)
-    store = ArrayStore(np.random.default_rng(seed).normal(size=size))
+    start = np.random.default_rng(0).normal(size=size)
+    store = ArrayStore(start + 0.1 * np.random.default_rng(seed).normal(size=size))
     return node, store, Exchanger(node, store)
 
 

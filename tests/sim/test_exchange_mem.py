@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from gossip.exchange import Exchanger
+from gossip.exchange import Exchanger, GossipConfig
+from gossip.screening import RobustMixing
 from gossip.store import ArrayStore
 from p2p.framing import MsgType
 from p2p.memnet import MemoryNetwork
@@ -23,14 +24,20 @@ async def net():
         await transport.close()
 
 
-async def make_peers(net, n, size=64, seed=0):
+# Independent random vectors are not a swarm grown from one start: robust mixing
+# (gossip.screening, tested in test_robust_mem.py) would rightly refuse them, so the tests of
+# the averaging protocol itself turn it off.
+PLAIN = GossipConfig(robust=RobustMixing(enabled=False))
+
+
+async def make_peers(net, n, size=64, seed=0, config=PLAIN):
     rng = np.random.default_rng(seed)
     peers = []
     for i in range(n):
         node = Node(net.transport(), f"p{i}", NodeConfig(handshake_timeout=0.5))
         await node.start("h", 0)
         store = ArrayStore(rng.normal(size=size))
-        peers.append((node, store, Exchanger(node, store)))
+        peers.append((node, store, Exchanger(node, store, config)))
     return peers
 
 

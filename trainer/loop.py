@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .config import CheckpointConfig, TrainConfig
 from .data import Batches, batch_size_of, to_device
+from .poison import Poison
 from .task import Task, TaskError, load_task
 from .weights import FlatWeights
 
@@ -130,6 +131,9 @@ class TrainerBase:
         self.step_seconds = 0.0  # exponential moving average of one step's time
         # A straggler knob for experiments: sleep this fraction of each step's compute time.
         self.slowdown = 0.0
+        # A hostile-member knob for experiments (trainer.poison): set, it rewrites the
+        # weights after every update, so what this peer sends in exchanges is the poison.
+        self.poison: Poison | None = None
         self.checkpointer: BackgroundCheckpointer | None = None
         self.ckpt_cfg = CheckpointConfig()
         self.ckpt_meta: dict = {}  # peers and incarnation, refreshed by the peer
@@ -232,6 +236,12 @@ class TrainerBase:
         if self.checkpointer is not None:
             self.checkpointer.close(timeout=10.0)
 
+    def after_update(self) -> None:
+        """Called under the weights lock right after each optimizer update."""
+        poison = self.poison
+        if poison is not None:
+            poison.apply(self.weights.flat)
+
     def run(self, stop: threading.Event, on_step: Callable[[StepInfo], None]) -> None:
         raise NotImplementedError
 
@@ -331,6 +341,7 @@ class Trainer(TrainerBase):
                 torch.nn.utils.clip_grad_norm_(self.weights.params, clip)
             with lock:  # only the update: gossip may snapshot or mix during fwd/bwd
                 opt.step()
+                self.after_update()
             if sched is not None:
                 sched.step()
             dt = time.perf_counter() - t0

@@ -117,6 +117,7 @@ class OwnLoop(TrainerBase):
             self.checkpoint_now()
         with self.weights.lock:  # only the update, as in our own loop
             out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            self.after_update()
         t = time.perf_counter()
         if self._t_last is not None:  # a whole step of the user's loop, update to update
             dt = t - self._t_last

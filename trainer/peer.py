@@ -28,6 +28,8 @@ from p2p.transport import Connection, Transport
 from .checkpoint import save_atomic
 from .config import PeerConfig
 from .loop import StepInfo, TrainerBase
+from .poison import Poison
+from .poison import check as check_poison
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +320,8 @@ class Peer:
             "samples": t.samples,
             "exchanges": a.exchanger.exchanges,
             "rejected_updates": a.exchanger.rejected,
+            "screening": a.exchanger.screen.stats() if self.cfg.gossip.robust.enabled else None,
+            "poisoned": t.poison.mode if t.poison is not None else None,
             "bytes_sent": self.transport.stats.sent,
             "bytes_received": self.transport.stats.received,
             "wall_seconds": round(time.monotonic() - self.t0, 3),
@@ -348,15 +352,47 @@ class Peer:
         }
 
     async def _on_control(self, conn: Connection, frame: Frame) -> None:
-        """Fault injection: {"op": "slowdown", "factor": F} makes each step take F times as
-        long (F=4: a straggler at a quarter of its speed); F=1 restores full speed."""
-        op, factor = frame.header.get("op"), frame.header.get("factor")
-        if op != "slowdown" or not isinstance(factor, (int, float)) or not 1 <= factor <= 1000:
-            await conn.send(MsgType.ERROR, {"reason": f"bad control command {frame.header!r}"})
+        """Fault injection (peers started with --allow-control):
+
+        - ``{"op": "slowdown", "factor": F}`` makes each step take F times as long (F=4: a
+          straggler at a quarter of its speed); F=1 restores full speed.
+        - ``{"op": "poison", "mode": M, "factor": F}`` makes this peer a hostile member
+          (``trainer.poison``: M is zero, negate, scale or noise; F optional): its weights
+          are rewritten after every step and it mixes nothing in. ``"mode": "none"`` cures
+          it: it takes a live neighbour's weights (``Agent.resync``) and mixes again.
+        """
+        h = frame.header
+        op = h.get("op")
+        if op == "slowdown":
+            factor = h.get("factor")
+            if isinstance(factor, (int, float)) and 1 <= factor <= 1000:
+                self.trainer.slowdown = float(factor) - 1.0
+                self.events.emit("slowdown", factor=float(factor))
+                await conn.send(MsgType.CONTROL_OK, {"op": op, "factor": factor})
+                return
+        elif op == "poison" and h.get("mode") == "none":
+            await conn.send(MsgType.CONTROL_OK, {"op": op, "mode": "none"})
+            await self._cure()  # after the answer: it waits for a neighbour's weights
             return
-        self.trainer.slowdown = float(factor) - 1.0
-        self.events.emit("slowdown", factor=float(factor))
-        await conn.send(MsgType.CONTROL_OK, {"op": op, "factor": factor})
+        elif op == "poison" and check_poison(str(h.get("mode")), h.get("factor")) is None:
+            poison = Poison(str(h["mode"]), h.get("factor"))
+            if self.agent is not None:
+                self.agent.exchanger.apply_received = False
+            self.trainer.poison = poison
+            self.events.emit("poison", mode=poison.mode, factor=poison.factor)
+            await conn.send(MsgType.CONTROL_OK, {"op": op, "mode": poison.mode})
+            return
+        await conn.send(MsgType.ERROR, {"reason": f"bad control command {h!r}"})
+
+    async def _cure(self) -> None:
+        """End a poison: the weights are garbage, so take a neighbour's, then mix again."""
+        was = self.trainer.poison
+        self.trainer.poison = None
+        if was is None or self.agent is None:
+            return
+        source = await self.agent.resync()
+        self.agent.exchanger.apply_received = True
+        self.events.emit("poison", mode="none", was=was.mode, resynced_from=source)
 
     async def _on_status(self, conn: Connection, frame: Frame) -> None:
         await conn.send(MsgType.STATUS, self.status_dict())

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-control",
         action="store_true",
-        help="accept fault-injection commands (slowdown) from `gossip-train chaos`",
+        help="accept fault-injection commands (slow-peer, poison) from `gossip-train chaos`",
     )
     p.add_argument(
         "--events",

@@ -121,6 +121,12 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-dir", help="where results go (default runs/<date-time>)")
     p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of peer settings every peer starts from ([train], [gossip], "
+        "[gossip.robust], [schedule], ...: see examples/peer.toml); flags override it",
+    )
+    p.add_argument(
         "--base-port",
         type=int,
         default=0,

@@ -87,3 +87,41 @@ def test_stall_is_the_others_longest_gap_while_they_train():
     assert s["longest_gap_s"] == pytest.approx(4.0)  # b made no step from 10 to 14
     assert 0.2 < s["rate_ratio"] < 0.4  # b ran at a quarter, then half its speed
     assert stall(progress, intervals, 10.0, ["a"], window=5.0)["rate_ratio"] == 1.0
+
+
+def test_the_report_shows_who_was_poisoned_when_and_what_the_others_refused():
+    from trainer.chaos.report import poisoning, render_poisoning
+
+    def peer(name, acc, poisoned=None, **screening):
+        return {"name": name, "metrics": {"accuracy": acc}, "poisoned": poisoned,
+                "screening": {"accepted": 40, "clipped": 1, "largest_ratio": 1.7, **screening}}  # fmt: skip
+
+    summary = {
+        "peers": [peer("a", 0.91), peer("b", 0.90), peer("c", 0.10, "zero")],
+        "events": [
+            ev(1.0, "poison", "c", mode="zero", factor=None),
+            ev(1.5, "refused", "a", subject="c", reason="far"),
+            ev(1.6, "refused", "b", subject="c", reason="far"),
+            ev(2.0, "refused", "a", subject="c", reason="far"),
+            ev(2.5, "refused", "a", subject="c", reason="far"),
+            ev(2.5, "quarantined", "a", subject="c", seconds=10.0, reason="far"),
+            ev(3.0, "refused", "b", subject="a", reason="odd"),  # a false alarm
+            ev(9.0, "poison", "b", mode="scale", factor=10.0),
+            ev(12.0, "poison", "b", mode="none"),
+        ],
+    }
+    p = poisoning(summary)
+    rows = {r["name"]: r for r in p["peers"]}
+    assert rows["c"]["poisoned"] == [{"mode": "zero", "factor": None, "from": 1.0, "until": None}]
+    assert rows["b"]["poisoned"][0]["until"] == 12.0
+    assert (rows["a"]["refused"], rows["a"]["quarantines"]) == (3, 1)
+    assert p["by_subject"]["c"] == {"refused": 4, "quarantined": 1}
+    # b's refusal of a is a refusal of an honest peer's update (a false alarm); b was
+    # poisoned for a while, so b and c are left out of the honest peers' accuracy.
+    assert p["honest_refused"] == 1 and p["honest_quarantined"] == 0
+    assert p["honest_min"] == p["honest_mean"] == 0.91
+    text = "\n".join(render_poisoning(p))
+    assert "## Poisoning and robust mixing" in text and "Robust mixing on" in text
+    assert "| c | 1.0-end zero | 0 | 0 | 0 |" in text
+    assert "| 2.5 | a | c | 10.00 | far |" in text
+    assert render_poisoning(poisoning({"peers": [peer("a", 0.9)], "events": []})) == []

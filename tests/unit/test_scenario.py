@@ -1,5 +1,7 @@
 """Configuration files: fault scenarios (TOML and flags, seeded random chaos) and peer TOML."""
 
+from unittest.mock import ANY
+
 import pytest
 from conftest import ROOT
 
@@ -179,6 +181,72 @@ def test_bad_flags_name_the_flag():
     with pytest.raises(ScenarioError, match="NAME=PID@HOST:PORT"):
         parse_peer_flag("peer-0@127.0.0.1:7000")
     assert parse_peer_flag("p=12@10.0.0.1:7000") == ("p", {"pid": 12, "addr": "10.0.0.1:7000"})
+
+
+def test_poison_faults_from_flags_and_files_end_when_their_time_is_up(tmp_path):
+    flags = scenario_from_flags(
+        [
+            "at=0 kind=poison peer=peer-2 mode=zero",
+            "at=1 kind=poison peer=3 mode=scale factor=0.5 for=4",
+        ],
+        [],
+    )
+    actions = [a.to_json() for a in plan(flags, NAMES)]
+    assert actions == [
+        {"at": 0.0, "fault": "poison", "peers": ["peer-2"], "mode": "zero", "source": ANY},
+        {
+            "at": 1.0,
+            "fault": "poison",
+            "peers": ["peer-3"],
+            "factor": 0.5,
+            "mode": "scale",
+            "source": ANY,
+        },
+        {"at": 5.0, "fault": "unpoison", "peers": ["peer-3"], "source": ANY},
+    ]
+    text = "[[fault]]\nat = 1\nkind = 'poison'\npeer = 3\nmode = 'scale'\nfactor = 0.5\n"
+    text += "duration = 4\n"
+    from_file = plan(load_scenario(write(tmp_path, text)), NAMES)
+    assert [(a.at, a.kind, a.mode, a.factor) for a in from_file] == [
+        (1.0, "poison", "scale", 0.5),
+        (5.0, "unpoison", None, None),
+    ]
+    randoms = plan(
+        scenario_from_flags([], ["kind=poison mode=noise every=10 count=2 duration=3"], 1), NAMES
+    )
+    assert [a.kind for a in randoms] == ["poison", "unpoison"] * 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("at=0 kind=poison peer=0", "needs 'mode'"),
+        ("at=0 kind=poison peer=0 mode=flip", "poison mode must be one of zero, negate"),
+        ("at=0 kind=poison peer=0 mode=zero factor=3", "mode zero takes no factor"),
+        ("at=0 kind=poison peer=0 mode=scale factor=0", "factor must be positive"),
+        ("at=0 kind=poison peer=0 mode=noise factor=-2", "factor must be at least 0"),
+        ("at=0 kind=unpoison peer=0 mode=zero", "unknown key 'mode'"),
+    ],
+)
+def test_bad_poison_faults_are_refused_before_the_start(spec, needle):
+    with pytest.raises(ScenarioError, match=needle):
+        plan(scenario_from_flags([spec], []), NAMES)
+    with pytest.raises(ScenarioError, match="random 'unpoison' makes no sense"):
+        scenario_from_flags([], ["kind=unpoison every=5 count=1"])
+
+
+def test_robust_mixing_settings_come_from_a_config_file_for_every_launched_peer(tmp_path):
+    from trainer.launch.local import Child, peer_config_for
+
+    path = write(
+        tmp_path, "[gossip.robust]\nenabled = false\nrefuse_multiple = 6.0\n", "robust.toml"
+    )
+    args = build_parser().parse_args(["local", "--peers", "2", "--config", str(path)])
+    child = Child(name="peer-0", index=0, addr="127.0.0.1:9", run_dir=tmp_path / "peer-0")
+    robust = peer_config_for(args, child, 2, []).gossip.robust
+    assert robust.enabled is False and robust.refuse_multiple == 6.0
+    assert robust.clip_multiple == 2.0  # the rest keep their defaults
+    assert parse_peer().gossip.robust.enabled is True
 
 
 def test_every_example_scenario_is_valid():

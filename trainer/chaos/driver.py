@@ -99,10 +99,14 @@ class Driver:
             return t.restart(name)
         if a.kind in ("pause", "resume"):
             return t.signal(name, signal.SIGSTOP if a.kind == "pause" else signal.SIGCONT)
-        factor = a.factor if a.kind == "slow-peer" else 1.0
-        reply = await send_control(
-            t.control_addr(name), {"op": "slowdown", "factor": factor}, self.cluster
-        )
+        header: dict[str, Any]
+        if a.kind in ("poison", "unpoison"):
+            header = {"op": "poison", "mode": a.mode if a.kind == "poison" else "none"}
+            if a.kind == "poison" and a.factor is not None:
+                header["factor"] = a.factor
+        else:
+            header = {"op": "slowdown", "factor": a.factor if a.kind == "slow-peer" else 1.0}
+        reply = await send_control(t.control_addr(name), header, self.cluster)
         return {"reply": reply}
 
     def _network(self, a: Action) -> dict[str, Any]:
@@ -297,7 +301,8 @@ def add_local_args(p: Any) -> None:
     g.add_argument(
         "--allow-control",
         action="store_true",
-        help="peers accept slow-peer commands from `gossip-train chaos` (on with --chaos)",
+        help="peers accept slow-peer and poison commands from `gossip-train chaos` (on with "
+        "--chaos)",
     )
     g.add_argument(
         "--baseline",

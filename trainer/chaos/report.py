@@ -43,6 +43,7 @@ UNDO = {
     "partition": "heal",
     "slow-link": "unslow-link",
     "slow-peer": "unslow-peer",
+    "poison": "unpoison",
 }
 
 
@@ -372,7 +373,13 @@ def invariants(run_dir: Path, summary: dict[str, Any], epsilon: float) -> dict[s
         return torch.cat([v.detach().reshape(-1).double() for v in state.values()])
 
     out: dict[str, Any] = {}
-    live = [p for p in summary["peers"] if p.get("status") == "finished" and p.get("final_model")]
+    # A peer left poisoned at the end holds the poison: it is neither in the consensus
+    # (summary.py) nor held to it.
+    live = [
+        p
+        for p in summary["peers"]
+        if p.get("status") == "finished" and p.get("final_model") and not p.get("poisoned")
+    ]
     cons_path = run_dir / "consensus.pt"
     distances = {}
     finite_final = True
@@ -423,6 +430,89 @@ def _progress_losses(run_dir: Path) -> list[float]:
     return out
 
 
+# -- poisoning and robust mixing ------------------------------------------------------------------
+
+
+def poisoning(summary: dict[str, Any]) -> dict[str, Any]:
+    """Who was poisoned when (the peers' own ``poison`` events), every refusal and
+    quarantine of robust mixing (``refused`` / ``quarantined`` events, by observer and by
+    subject), each peer's screening counters, and the honest peers' headline metric."""
+    events = summary.get("events", [])
+    windows: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("kind") != "poison" or not isinstance(e.get("peer"), str):
+            continue
+        spans = windows.setdefault(e["peer"], [])
+        if e.get("mode") == "none":
+            if spans and spans[-1]["until"] is None:
+                spans[-1]["until"] = e["t"]
+        else:
+            spans.append({"mode": e.get("mode"), "factor": e.get("factor"), "from": e["t"]})
+            spans[-1]["until"] = None
+    hostile = set(windows)
+    rows: dict[str, dict[str, Any]] = {}
+    by_subject: dict[str, dict[str, int]] = {}
+    quarantines = []
+    for e in events:
+        kind, peer = e.get("kind"), e.get("peer")
+        if kind not in ("refused", "quarantined") or not isinstance(peer, str):
+            continue
+        row = rows.setdefault(peer, {"refused": 0, "quarantines": 0, "honest_refused": 0})
+        subject = str(e.get("subject"))
+        if kind == "refused":
+            row["refused"] += 1
+            row["honest_refused"] += subject not in hostile
+            counts = by_subject.setdefault(subject, {"refused": 0, "quarantined": 0})
+            counts["refused"] += 1
+        else:
+            row["quarantines"] += 1
+            by_subject.setdefault(subject, {"refused": 0, "quarantined": 0})["quarantined"] += 1
+            quarantines.append(
+                {
+                    "t": e["t"],
+                    "by": peer,
+                    "subject": subject,
+                    "seconds": e.get("seconds"),
+                    "reason": e.get("reason"),
+                    "honest_subject": subject not in hostile,
+                }
+            )
+    peers = []
+    metric = headline_metric(summary)
+    honest_values = []
+    for p in summary.get("peers", []):
+        name = p["name"]
+        stats = p.get("screening") or {}
+        row = rows.get(name, {"refused": 0, "quarantines": 0, "honest_refused": 0})
+        value = _value(p, metric, "test_accuracy")
+        if name not in hostile and value is not None:
+            honest_values.append(value)
+        peers.append(
+            {
+                "name": name,
+                "poisoned": windows.get(name, []),
+                "refused": row["refused"],
+                "honest_refused": row["honest_refused"],
+                "quarantines": row["quarantines"],
+                "clipped": stats.get("clipped"),
+                "accepted": stats.get("accepted"),
+                "largest_ratio": stats.get("largest_ratio"),
+                "value": value,
+            }
+        )
+    return {
+        "robust": any(p.get("screening") is not None for p in summary.get("peers", [])),
+        "metric": metric,
+        "peers": peers,
+        "by_subject": by_subject,
+        "quarantines": quarantines,
+        "honest_min": min(honest_values, default=None),
+        "honest_mean": sum(honest_values) / len(honest_values) if honest_values else None,
+        "honest_refused": sum(r["honest_refused"] for r in rows.values()),
+        "honest_quarantined": sum(1 for q in quarantines if q["honest_subject"]),
+    }
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -443,6 +533,7 @@ def build_report(
     events = summary["events"]
     inv = invariants(run_dir, summary, epsilon)
     return {
+        "poisoning": poisoning(summary),
         "run_dir": str(run_dir),
         "baseline_dir": str(baseline) if baseline else None,
         "network": summary.get("network"),
@@ -521,6 +612,9 @@ def render(report: dict[str, Any]) -> str:
         f"Consensus model: {_fmt4(q['consensus'])} (baseline {_fmt4(q['baseline_consensus'])}, "
         f"delta {_fmt(q['consensus_delta'])}{q['unit'] and ' ' + q['unit']}).",
         "",
+    ]
+    lines += render_poisoning(report.get("poisoning"))
+    lines += [
         "## Invariants",
         "",
     ]
@@ -542,6 +636,59 @@ def render(report: dict[str, Any]) -> str:
     lines += [f"  - {x}" for x in ck["failed"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def render_poisoning(p: dict[str, Any] | None) -> list[str]:
+    """The report's section on poisoned peers, refusals and quarantines ([] if none)."""
+    if not p or not (p["quarantines"] or p["by_subject"] or any(r["poisoned"] for r in p["peers"])):
+        return []
+    mixing = "on" if p["robust"] else "**off**"
+    lines = [
+        "## Poisoning and robust mixing",
+        "",
+        f"Robust mixing {mixing}. poisoned: when the peer's weights were poison (seconds; "
+        "mode); refused: updates this peer refused (of them from honest peers); clipped: "
+        "accepted updates it scaled down; largest: its largest accepted update over the "
+        "recent median.",
+        "",
+        "| peer | poisoned | refused | of honest | quarantines | clipped | largest "
+        f"| {p['metric']} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in p["peers"]:
+        spans = ", ".join(
+            f"{s['from']:.1f}-{'end' if s['until'] is None else format(s['until'], '.1f')} "
+            f"{s['mode']}"
+            for s in r["poisoned"]
+        )
+        lines.append(
+            f"| {r['name']} | {spans or '-'} | {r['refused']} | {r['honest_refused']} | "
+            f"{r['quarantines']} | {_fmt(r['clipped'])} | {_fmt(r['largest_ratio'])} | "
+            f"{_fmt4(r['value'])} |"
+        )
+    lines += [
+        "",
+        f"Honest peers' {p['metric']}: min {_fmt4(p['honest_min'])}, mean "
+        f"{_fmt4(p['honest_mean'])}; updates from honest peers refused: {p['honest_refused']}, "
+        f"honest peers quarantined: {p['honest_quarantined']}.",
+        "",
+    ]
+    if p["quarantines"]:
+        lines += ["| t | by | quarantined | seconds | why |", "|---|---|---|---|---|"]
+        for q in p["quarantines"][:MAX_QUARANTINE_ROWS]:
+            lines.append(
+                f"| {q['t']:.1f} | {q['by']} | {q['subject']} | {_fmt(q['seconds'])} | "
+                f"{q['reason']} |"
+            )
+        more = len(p["quarantines"]) - MAX_QUARANTINE_ROWS
+        if more > 0:
+            lines.append(f"| ... | {more} more in report.json |||||")
+        lines.append("")
+    return lines
+
+
+# Quarantines listed in report.md (report.json has them all).
+MAX_QUARANTINE_ROWS = 20
 
 
 def _fmt4(x: float | None) -> str:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..poison import MODES as POISON_MODES
+from ..poison import check as check_poison
 from .netns import parse_rate
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "unslow-link": ("peer",),
     "slow-peer": ("peer", "factor", "duration?"),
     "unslow-peer": ("peer",),
+    "poison": ("peer", "mode", "factor?", "duration?"),
+    "unpoison": ("peer",),
 }
 # What ends a fault that has a duration.
 UNDO = {
@@ -59,6 +63,7 @@ UNDO = {
     "partition": "heal",
     "slow-link": "unslow-link",
     "slow-peer": "unslow-peer",
+    "poison": "unpoison",
 }
 NETWORK_KINDS = {"partition", "heal", "slow-link", "unslow-link"}
 RANDOM_KEYS = {"kind", "every", "jitter", "start", "until", "count", "peers"}
@@ -122,6 +127,7 @@ class Action:
     groups: tuple[tuple[str, ...], ...] = ()
     rate: str | None = None
     factor: float | None = None
+    mode: str | None = None  # poison: zero, negate, scale or noise
     source: str = ""  # where it came from: "FILE:LINE", "--fault #2", "random #1 (FILE:9)"
 
     def to_json(self) -> dict[str, Any]:
@@ -134,6 +140,8 @@ class Action:
             out["rate"] = self.rate
         if self.factor is not None:
             out["factor"] = self.factor
+        if self.mode is not None:
+            out["mode"] = self.mode
         out["source"] = self.source
         return out
 
@@ -242,7 +250,7 @@ def _fault(entry: dict[str, Any], where: Where) -> Fault:
 
 def _random(entry: dict[str, Any], where: Where) -> RandomFault:
     kind = _kind(entry, where)
-    if kind in ("resume", "heal", "unslow-link", "unslow-peer"):
+    if kind in ("resume", "heal", "unslow-link", "unslow-peer", "unpoison"):
         raise ScenarioError(f"{where('kind')}: random {kind!r} makes no sense; use durations")
     if kind in UNDO and "duration" not in entry:
         raise ScenarioError(f"{where(None)}: random {kind} needs a duration (seconds)")
@@ -311,10 +319,22 @@ def _params(entry: dict[str, Any], kind: str, where: Where) -> dict[str, Any]:
         value = entry[key]
         if key == "duration":
             params[key] = _number(entry, key, where, minimum=1e-3)
+        elif key == "factor" and kind == "poison":
+            params[key] = _number(entry, key, where, minimum=0.0)
+            why = check_poison(str(entry.get("mode")), params[key])
+            if why is not None:
+                raise ScenarioError(f"{where(key)}: {why}")
         elif key == "factor":
             params[key] = _number(entry, key, where, minimum=1.0)
             if params[key] > 1000:
                 raise ScenarioError(f"{where(key)}: factor must be at most 1000")
+        elif key == "mode":
+            if value not in POISON_MODES:
+                raise ScenarioError(
+                    f"{where(key)}: poison mode must be one of {', '.join(POISON_MODES)}, "
+                    f"not {value!r}"
+                )
+            params[key] = str(value)
         elif key == "rate":
             try:
                 parse_rate(str(value))
@@ -455,6 +475,7 @@ def _expand(
         groups=target.get("groups", ()),
         rate=params.get("rate"),
         factor=params.get("factor"),
+        mode=params.get("mode"),
         source=source,
     )
     out = [base]

@@ -115,6 +115,8 @@ def peer_record(
         "final_model": r.get("final_model"),
         "checkpoint": r.get("checkpoint", latest("checkpoint")),
         "rejected_updates": r.get("rejected_updates"),
+        "screening": r.get("screening"),
+        "poisoned": r.get("poisoned"),
         "restarts": sum(1 for e in mine if e.get("kind") == "restarted"),
     }
     if err is not None:
@@ -162,17 +164,23 @@ def build(run_dir: str | Path, wall: float | None = None, consensus: bool = True
         out["t"] = round(float(e.get("ts", t0)) - t0, 3)
         return out
 
+    # A peer the chaos tool left poisoned ends with poison for weights: not in the consensus.
     finished = [
         (Path(p["final_model"]), float(p["samples"] or p["steps"] or 0))
         for p in peers
-        if p["status"] == "finished" and p["final_model"] and Path(p["final_model"]).is_file()
+        if p["status"] == "finished"
+        and p["final_model"]
+        and Path(p["final_model"]).is_file()
+        and not p.get("poisoned")
     ]
     cons_metrics = None
     cons_path = run_dir / "consensus.pt"
     if finished and consensus:
         print(f"consensus: averaging {len(finished)} final models", file=sys.stderr)
         meta: dict[str, Any] = {
-            "peers": [p["name"] for p in peers if p["status"] == "finished"],
+            "peers": [
+                p["name"] for p in peers if p["status"] == "finished" and not p.get("poisoned")
+            ],
             "steps": sum(p["steps"] or 0 for p in peers),
             "samples": sum(p["samples"] or 0 for p in peers),
         }

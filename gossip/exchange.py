@@ -1,10 +1,11 @@
 """The push-pull exchange between two peers.
 
     initiator                                  responder
-    EXCH_OFFER {schema, nbytes}   ------>      busy / other schema?  -> EXCH_DECLINE {reason}
+    EXCH_OFFER {schema, nbytes}   ------>      busy / other schema / quarantined?
+                                                   -> EXCH_DECLINE {reason}
                                   <------      EXCH_ACCEPT
     EXCH_PAYLOAD [w_i]            <----->      EXCH_PAYLOAD [w_r]      (both directions at once)
-    check, mix(w_r - w_i)                      check, mix(w_i - w_r)
+    check, screen, mix(w_r - w_i)              check, screen, mix(w_i - w_r)
 
 Each side copies its snapshot w piece by piece as it sends it, and turns the payload it
 receives into the delta piece by piece as it arrives.
@@ -21,6 +22,11 @@ that check it) is computed in that buffer, chunk by chunk, while the payload is 
 arriving (``DeltaStream``). After the last byte only the check's verdict and one add
 remain. Snapshot and add run on the event loop when the weights are free (no thread
 hand-off); connections to neighbours are kept between exchanges.
+
+Each side screens what it received on its own (``gossip.screening``, robust mixing): a
+delta far beyond what neighbours recently sent is refused, a long one is scaled down in
+place before the add (one more pass, only then), and a neighbour refused again and again
+is quarantined: no exchange with it, neither offered nor answered, for a while.
 """
 
 from __future__ import annotations

@@ -398,7 +398,10 @@ class Exchanger:
         if not self.apply_received:
             return None
         if screening:
-            verdict = self.screen.judge(addr, stream.dist_sq, stream.snap_sq, time.monotonic())
+            now = time.monotonic()
+            # Once we stopped training, what we accept no longer says what honest deltas
+            # look like (finished peers converge to nothing): the reference stays put.
+            verdict = self.screen.judge(addr, stream.dist_sq, stream.snap_sq, now, self.training)
             self._screened(addr, verdict)
             if verdict.scale < 1.0:
                 delta *= np.float32(verdict.scale)  # clipped: one pass, in place

@@ -133,9 +133,16 @@ class Screen:
         return far > len(self.standings) - far
 
     # -- judging -------------------------------------------------------------------------------
-    def judge(self, peer: str, dist_sq: float, snap_sq: float, now: float) -> Verdict:
+    def judge(
+        self, peer: str, dist_sq: float, snap_sq: float, now: float, record: bool = True
+    ) -> Verdict:
         """The verdict on a delta of squared norm ``dist_sq`` from ``peer``, our own weights
-        having squared norm ``snap_sq`` (both finite: ``averaging.judge`` checked)."""
+        having squared norm ``snap_sq`` (both finite: ``averaging.judge`` checked).
+
+        ``record=False`` leaves an accepted norm out of the reference: a peer that has
+        finished training passes that, since two finished peers soon send each other almost
+        nothing, and a reference that shrank to that would refuse the next neighbour still
+        training."""
         cfg = self.config
         norm, own = math.sqrt(dist_sq), math.sqrt(snap_sq)
         ceiling, floor = cfg.own_fraction * own, cfg.floor_fraction * own
@@ -161,7 +168,8 @@ class Screen:
             reason = f"update implausibly far from ours ({norm:.3g} > {limit:.3g}: {what})"
             return self._refuse(peer, standing, reason, now, norm, limit, used)
         scale = tau / norm if norm > tau > 0 else 1.0
-        self.norms.append(norm)
+        if record:
+            self.norms.append(norm)
         self.accepted += 1
         self.clipped += scale < 1.0
         if used:

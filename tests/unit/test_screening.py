@@ -105,6 +105,14 @@ def test_honest_deltas_that_vary_as_non_iid_ones_do_raise_no_alarm():
     assert screen.clipped < 0.03 * screen.accepted and screen.largest_ratio < 4.0
 
 
+def test_deltas_judged_after_training_leave_the_reference_alone():
+    screen = warmed(reference=1.0)
+    for _ in range(100):  # lingering: another finished peer, almost equal to us by now
+        assert screen.judge("b", 1e-6, OWN**2, 0.0, record=False).accepted
+    assert screen.reference() == 1.0
+    assert judge(screen, "c", 1.5).accepted  # a peer still training is not refused
+
+
 def test_a_reference_near_zero_does_not_refuse_everything():
     screen = warmed(reference=0.0)  # peers that just averaged send identical weights
     assert screen.reference() == 0.0

@@ -287,6 +287,7 @@ class Agent:
                 if step == 0 and not self.resumed:
                     return
                 await asyncio.to_thread(self._load, remote)
+                await asyncio.to_thread(self.exchanger.reanchor)
                 self.emit(
                     "caught_up",
                     source=addr,
@@ -313,6 +314,7 @@ class Agent:
                     log.info("resync from %s failed: %s", addr, exc)
                     continue
                 await asyncio.to_thread(self._load, remote)
+                await asyncio.to_thread(self.exchanger.reanchor)
                 seconds = round(time.monotonic() - t0, 3)
                 self.emit("caught_up", source=addr, remote_step=step, seconds=seconds, resync=True)
                 return addr

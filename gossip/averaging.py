@@ -100,7 +100,9 @@ class DeltaStream:
 
     The transport reports how much of a payload buffer has been filled (``feed``); each
     new stretch of at least ``chunk`` bytes is turned into ``alpha * (remote - snapshot)``
-    right away, while it is still in cache, and both squared norms are summed on the way.
+    right away, while it is still in cache, and the squared norms of the delta, the snapshot
+    and the remote vector are summed on the way (with an ``anchor``, also the snapshot's dot
+    product with it: robust mixing's measure of how far we moved since then).
     ``finish`` does the rest and judges the result, so after the last byte only the tail
     and the final add remain. Without progress reports, ``finish`` does it all in one go.
     The receive buffer then holds the delta: the mix is ``current += buffer``.
@@ -112,6 +114,7 @@ class DeltaStream:
         alpha: float = 0.5,
         guard: UpdateGuard = UpdateGuard(),
         chunk: int = 512 << 10,
+        anchor: np.ndarray | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.alpha = np.float32(alpha)
@@ -121,6 +124,9 @@ class DeltaStream:
         self.valid = snapshot.size  # values of the snapshot already taken (see Exchanger)
         self.dist_sq = 0.0
         self.snap_sq = 0.0
+        self.remote_sq = 0.0
+        self.anchor = anchor
+        self.cross = 0.0  # snapshot . anchor
 
     def feed(self, buffer: memoryview, filled: int) -> None:
         """``buffer``'s first ``filled`` bytes have arrived (the rest is still coming)."""
@@ -133,6 +139,9 @@ class DeltaStream:
     def _advance(self, remote: np.ndarray, upto: int) -> None:
         r, s = remote[self.done : upto], self.snapshot[self.done : upto]
         with np.errstate(over="ignore", invalid="ignore"):  # garbage is judged, not warned
+            self.remote_sq += _sq(r)
+            if self.anchor is not None:
+                self.cross += float(np.dot(s, self.anchor[self.done : upto]))
             np.subtract(r, s, out=r)
             self.dist_sq += _sq(r)
             self.snap_sq += _sq(s)

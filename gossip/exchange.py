@@ -221,6 +221,11 @@ class Exchanger:
         # sending, so a diverged peer stops spreading NaN (receivers refuse it anyway).
         self._check_own = False
         self._conns: OrderedDict[str, Connection] = OrderedDict()
+        # Our weights when they were last replaced wholesale (start, catch-up), kept while
+        # the screen warms up: how far we moved since is its scale for honest deltas.
+        self._anchor: np.ndarray | None = None
+        self._anchor_sq = 0.0
+        self.reanchor()
         node.handlers[MsgType.EXCH_OFFER] = self._on_offer
         node.handlers[MsgType.PULL_REQ] = self._on_pull
 
@@ -339,7 +344,7 @@ class Exchanger:
 
     def _stream(self, conn: Connection, valid: int | None = None) -> DeltaStream:
         """Start computing the delta of the payload ``conn`` is about to receive."""
-        stream = DeltaStream(self._snap, 0.5, self.config.guard)
+        stream = DeltaStream(self._snap, 0.5, self.config.guard, anchor=self._anchor)
         if valid is not None:
             stream.valid = valid
 
@@ -398,10 +403,22 @@ class Exchanger:
         if not self.apply_received:
             return None
         if screening:
-            now = time.monotonic()
+            drift_sq = None
+            if stream.anchor is not None:  # ||snapshot - anchor||^2 from the dots summed
+                drift_sq = stream.snap_sq - 2 * stream.cross + self._anchor_sq
             # Once we stopped training, what we accept no longer says what honest deltas
             # look like (finished peers converge to nothing): the reference stays put.
-            verdict = self.screen.judge(addr, stream.dist_sq, stream.snap_sq, now, self.training)
+            verdict = self.screen.judge(
+                addr,
+                stream.dist_sq,
+                stream.snap_sq,
+                time.monotonic(),
+                record=self.training,
+                remote_sq=stream.remote_sq,
+                drift_sq=drift_sq,
+            )
+            if self._anchor is not None and self.screen.reference() is not None:
+                self._anchor = None  # warm: the reference takes over
             self._screened(addr, verdict)
             if verdict.scale < 1.0:
                 delta *= np.float32(verdict.scale)  # clipped: one pass, in place
@@ -429,6 +446,19 @@ class Exchanger:
                 reason=verdict.reason,
             )
         raise UpdateRejected(verdict.reason)
+
+    def reanchor(self) -> None:
+        """Measure our own movement from our current weights on (call when they were just
+        replaced: a catch-up, a resync). Only while the screen has no reference yet; it
+        costs one copy of the weights until then. Blocks on the weights lock."""
+        if not self.config.robust.enabled or self.screen.reference() is not None:
+            self._anchor = None
+            return
+        anchor = self._anchor if self._anchor is not None else np.empty_like(self._snap)
+        with self.store.lock:
+            _copy_out(self.store, anchor)
+        self._anchor_sq = float(np.dot(anchor, anchor))
+        self._anchor = anchor
 
     def quarantined(self, addr: str) -> float:
         """Seconds we still refuse to exchange with ``addr`` (0: we do exchange)."""

@@ -91,6 +91,19 @@ def test_delta_stream_in_pieces_equals_the_one_shot_delta():
     np.testing.assert_array_equal(delta, np.float32(0.5) * (remote - snap))
     assert stream.dist_sq == pytest.approx(float(np.sum((remote - snap) ** 2.0)), rel=1e-4)
     assert stream.snap_sq == pytest.approx(float(np.sum(snap.astype(np.float64) ** 2)), rel=1e-4)
+    assert stream.remote_sq == pytest.approx(float(np.sum(remote.astype(np.float64) ** 2)), 1e-4)
+    assert stream.cross == 0.0  # no anchor, no dot product with it
+
+
+def test_delta_stream_measures_our_movement_from_an_anchor():
+    rng = np.random.default_rng(8)
+    anchor = rng.normal(size=200_003).astype(np.float32)
+    snap = (anchor + rng.normal(scale=0.05, size=anchor.size)).astype(np.float32)
+    remote = (anchor + rng.normal(scale=0.05, size=anchor.size)).astype(np.float32)
+    stream = DeltaStream(snap, 0.5, chunk=32 << 10, anchor=anchor)
+    _stream_through(stream, remote, rng)
+    drift_sq = stream.snap_sq - 2 * stream.cross + float(anchor @ anchor)
+    assert drift_sq == pytest.approx(float(np.sum((snap - anchor).astype(np.float64) ** 2)), 1e-3)
 
 
 @pytest.mark.parametrize(

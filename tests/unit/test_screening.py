@@ -14,6 +14,16 @@ def judge(screen, peer, norm, now=0.0, own=OWN):
     return screen.judge(peer, norm * norm, own * own, now)
 
 
+def judge_vectors(screen, peer, ours, theirs, anchor=None, now=0.0):
+    """The verdict on ``theirs`` with every norm the exchanger measures (DeltaStream)."""
+    d = theirs - ours
+    drift = None if anchor is None else float((ours - anchor) @ (ours - anchor))
+    return screen.judge(
+        peer, float(d @ d), float(ours @ ours), now, remote_sq=float(theirs @ theirs),
+        drift_sq=drift,
+    )  # fmt: skip
+
+
 def warmed(reference=1.0, peers="abc", n=None):
     """A screen that has accepted ``window`` deltas of norm ``reference`` from ``peers``."""
     screen = Screen()
@@ -36,17 +46,31 @@ def poisons(rng, size=10_000):
 @pytest.mark.parametrize("mode", ["zero", "negate", "scale", "noise"])
 def test_during_warm_up_every_poison_is_refused_and_early_honest_deltas_pass(mode):
     rng = np.random.default_rng(1)
-    w, sent = poisons(rng)
+    w0, sent = poisons(rng)
+    rms = np.sqrt(np.mean(w0**2))
+    w = w0 + rng.normal(scale=0.15 * rms, size=w0.size)  # we trained a little from w0
     screen = Screen()
     assert screen.reference() is None  # nothing accepted yet: no statistic
-    delta = sent[mode] - w
-    verdict = screen.judge("evil", float(delta @ delta), float(w @ w), 0.0)
-    assert not verdict.accepted and "implausibly far" in verdict.reason
-    # A neighbour that trained for a while from the same start: a fifth of our norm away.
-    honest = w + rng.normal(scale=0.2 * np.sqrt(np.mean(w**2)), size=w.size)
-    delta = honest - w
-    verdict = screen.judge("good", float(delta @ delta), float(w @ w), 0.0)
+    verdict = judge_vectors(screen, "evil", w, sent[mode], anchor=w0)
+    assert not verdict.accepted and "implausib" in verdict.reason
+    # A neighbour that trained as long from the same start.
+    honest = w0 + rng.normal(scale=0.15 * rms, size=w0.size)
+    verdict = judge_vectors(screen, "good", w, honest, anchor=w0)
     assert verdict.accepted and verdict.scale == 1.0
+
+
+def test_a_model_that_moves_far_in_a_few_steps_is_judged_by_its_own_movement():
+    # Like the 4x2 linear maps fitted to opposite targets in tests/real/test_own_loop.py
+    # (1.4x our norm apart after 5 steps): here the neighbour is our norm away, beyond the
+    # own-norm bound, but only twice our own movement, as far as one that trained as long
+    # the other way can be.
+    screen = Screen()
+    w0 = np.array([0.3, -0.4, 0.2, 0.1, -0.3, 0.35, 0.25, -0.2, 0.1, 0.05])
+    step = np.linspace(-0.25, 0.2, 10)
+    ours, theirs = w0 + step, w0 - step  # moved the opposite ways
+    verdict = judge_vectors(screen, "b", ours, theirs, anchor=w0)
+    assert verdict.accepted, verdict.reason
+    assert not judge_vectors(screen, "b", ours, theirs).accepted  # without the anchor
 
 
 def test_the_reference_is_the_median_of_accepted_deltas_once_warm():
@@ -70,12 +94,16 @@ def test_after_warm_up_a_delta_far_beyond_the_median_is_refused(norm):
     assert "x the recent median" in verdict.reason
 
 
-def test_a_zero_vector_is_refused_even_when_the_median_has_been_inflated():
-    # Accepted deltas 0.7 of our own norm (a poisoned statistic): the own-norm ceiling still
-    # refuses a vector our norm away.
-    screen = warmed(reference=0.7 * OWN)
-    verdict = judge(screen, "d", OWN)
-    assert not verdict.accepted and verdict.limit == pytest.approx(0.75 * OWN)
+@pytest.mark.parametrize("remote", [0.0, 0.5 * OWN, 1.6 * OWN, 10 * OWN])
+def test_weights_of_another_norm_are_refused_whatever_the_median_says(remote):
+    # Accepted deltas of our own norm (a poisoned statistic): the norm ratio still refuses
+    # zeros, shrunk, scaled and noise-drowned weights.
+    screen = Screen(RobustMixing(own_fraction=2.0))
+    for _ in range(32):
+        assert screen.judge("a", OWN**2, OWN**2, 0.0, remote_sq=OWN**2).accepted
+    verdict = screen.judge("d", OWN**2, OWN**2, 0.0, remote_sq=remote**2)
+    assert not verdict.accepted and "norm is" in verdict.reason
+    assert screen.judge("d", OWN**2, OWN**2, 0.0, remote_sq=(1.2 * OWN) ** 2).accepted
 
 
 def test_clipping_bounds_how_far_one_update_moves_us():

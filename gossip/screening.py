@@ -22,8 +22,9 @@ recently sent, and bounds how far any one exchange may move us:
   weights (a fifth to a third of their norm for the seed MLP at the first exchange) and
   next to how far we moved ourselves: a delta beyond ``own_fraction`` of our norm and
   beyond ``drift_multiple`` times our own movement since our weights were last replaced is
-  refused. A negated vector is twice our norm away; zero, scaled and noisy ones fail the
-  norm ratio; so every poison above is refused from step 0.
+  refused, and an accepted one is clipped to ``own_fraction`` of our norm. A negated vector
+  is twice our norm away; zero, scaled and noisy ones fail the norm ratio; so every poison
+  above is refused from step 0.
 - **Are we the outlier?** If more of the neighbours we have judged look far (their last
   delta was beyond the reference bound) than near, the odd one out is more likely us (we
   were partitioned, paused, or our reference is stale) than a majority of them. We then
@@ -175,8 +176,9 @@ class Screen:
         far_at = bound if ref is None else max(cfg.refuse_multiple * ref, floor)
         standing.far = odd is not None or norm > far_at
         used = None if ref is None or self.outlier() else ref
-        if used is None:
-            limit = tau = bound  # warm-up, or we are the outlier
+        if used is None:  # warm-up, or we are the outlier
+            limit = bound
+            tau = min(bound, cfg.own_fraction * own) or bound
         else:
             limit = far_at
             tau = max(cfg.clip_multiple * used, floor)

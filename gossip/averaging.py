@@ -101,8 +101,8 @@ class DeltaStream:
     The transport reports how much of a payload buffer has been filled (``feed``); each
     new stretch of at least ``chunk`` bytes is turned into ``alpha * (remote - snapshot)``
     right away, while it is still in cache, and the squared norms of the delta, the snapshot
-    and the remote vector are summed on the way (with an ``anchor``, also the snapshot's dot
-    product with it: robust mixing's measure of how far we moved since then).
+    and the remote vector are summed on the way (with an ``anchor``, also the anchor's and
+    its dot product with the snapshot: ``moved_sq`` is how far we moved since the anchor).
     ``finish`` does the rest and judges the result, so after the last byte only the tail
     and the final add remain. Without progress reports, ``finish`` does it all in one go.
     The receive buffer then holds the delta: the mix is ``current += buffer``.
@@ -127,6 +127,7 @@ class DeltaStream:
         self.remote_sq = 0.0
         self.anchor = anchor
         self.cross = 0.0  # snapshot . anchor
+        self.anchor_sq = 0.0
 
     def feed(self, buffer: memoryview, filled: int) -> None:
         """``buffer``'s first ``filled`` bytes have arrived (the rest is still coming)."""
@@ -141,13 +142,22 @@ class DeltaStream:
         with np.errstate(over="ignore", invalid="ignore"):  # garbage is judged, not warned
             self.remote_sq += _sq(r)
             if self.anchor is not None:
-                self.cross += float(np.dot(s, self.anchor[self.done : upto]))
+                a = self.anchor[self.done : upto]
+                self.cross += float(np.dot(s, a))
+                self.anchor_sq += _sq(a)
             np.subtract(r, s, out=r)
             self.dist_sq += _sq(r)
             self.snap_sq += _sq(s)
             if self.alpha != 1:
                 r *= self.alpha
         self.done = upto
+
+    @property
+    def moved_sq(self) -> float | None:
+        """``||snapshot - anchor||^2`` (None without an anchor), once the stream is done."""
+        if self.anchor is None:
+            return None
+        return max(0.0, self.snap_sq - 2 * self.cross + self.anchor_sq)
 
     def finish(self, remote: np.ndarray) -> np.ndarray:
         """Complete the delta in ``remote`` (the whole received vector) and judge it."""

@@ -221,10 +221,10 @@ class Exchanger:
         # sending, so a diverged peer stops spreading NaN (receivers refuse it anyway).
         self._check_own = False
         self._conns: OrderedDict[str, Connection] = OrderedDict()
-        # Our weights when they were last replaced wholesale (start, catch-up), kept while
-        # the screen warms up: how far we moved since is its scale for honest deltas.
+        # Our weights when they last took anything in (the start, a mix, a catch-up): how far
+        # our own steps moved them since is the screen's scale for how far honest neighbours
+        # may have drifted from us. One more copy of the weights, with robust mixing only.
         self._anchor: np.ndarray | None = None
-        self._anchor_sq = 0.0
         self.reanchor()
         node.handlers[MsgType.EXCH_OFFER] = self._on_offer
         node.handlers[MsgType.PULL_REQ] = self._on_pull
@@ -379,6 +379,7 @@ class Exchanger:
             delta = self._judged(addr, stream, frame)
             if delta is not None:
                 await self._mix(delta)
+                await self._move_anchor(delta)
         finally:
             frame.release()
         self.exchanges += 1
@@ -403,9 +404,6 @@ class Exchanger:
         if not self.apply_received:
             return None
         if screening:
-            drift_sq = None
-            if stream.anchor is not None:  # ||snapshot - anchor||^2 from the dots summed
-                drift_sq = stream.snap_sq - 2 * stream.cross + self._anchor_sq
             # Once we stopped training, what we accept no longer says what honest deltas
             # look like (finished peers converge to nothing): the reference stays put.
             verdict = self.screen.judge(
@@ -415,10 +413,8 @@ class Exchanger:
                 time.monotonic(),
                 record=self.training,
                 remote_sq=stream.remote_sq,
-                drift_sq=drift_sq,
+                drift_sq=stream.moved_sq,
             )
-            if self._anchor is not None and self.screen.reference() is not None:
-                self._anchor = None  # warm: the reference takes over
             self._screened(addr, verdict)
             if verdict.scale < 1.0:
                 delta *= np.float32(verdict.scale)  # clipped: one pass, in place
@@ -448,16 +444,13 @@ class Exchanger:
         raise UpdateRejected(verdict.reason)
 
     def reanchor(self) -> None:
-        """Measure our own movement from our current weights on (call when they were just
-        replaced: a catch-up, a resync). Only while the screen has no reference yet; it
-        costs one copy of the weights until then. Blocks on the weights lock."""
-        if not self.config.robust.enabled or self.screen.reference() is not None:
-            self._anchor = None
+        """Measure our own movement from our current weights on: call when they were just
+        replaced (a catch-up, a resync). Blocks on the weights lock."""
+        if not self.config.robust.enabled:
             return
         anchor = self._anchor if self._anchor is not None else np.empty_like(self._snap)
         with self.store.lock:
             _copy_out(self.store, anchor)
-        self._anchor_sq = float(np.dot(anchor, anchor))
         self._anchor = anchor
 
     def quarantined(self, addr: str) -> float:
@@ -469,6 +462,16 @@ class Exchanger:
     def _learn_name(self, addr: str, name: Any) -> None:
         if isinstance(name, str) and name and len(self._names) < 4096:
             self._names[addr] = name
+
+    async def _move_anchor(self, delta: np.ndarray) -> None:
+        """anchor = snapshot + the delta just mixed: our weights as the mix left them (but
+        for steps taken meanwhile), without touching the live weights or their lock."""
+        if self._anchor is None:
+            return
+        if self._inline:
+            np.add(self._snap, delta, out=self._anchor)
+        else:
+            self.cpu_seconds += await _finish_in_thread(np.add, self._snap, delta, self._anchor)
 
     async def _mix(self, delta: np.ndarray) -> None:
         """current += delta (already scaled): one pass, no temporary."""

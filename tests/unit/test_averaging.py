@@ -92,7 +92,7 @@ def test_delta_stream_in_pieces_equals_the_one_shot_delta():
     assert stream.dist_sq == pytest.approx(float(np.sum((remote - snap) ** 2.0)), rel=1e-4)
     assert stream.snap_sq == pytest.approx(float(np.sum(snap.astype(np.float64) ** 2)), rel=1e-4)
     assert stream.remote_sq == pytest.approx(float(np.sum(remote.astype(np.float64) ** 2)), 1e-4)
-    assert stream.cross == 0.0  # no anchor, no dot product with it
+    assert stream.cross == stream.anchor_sq == 0.0  # no anchor, nothing summed for it
 
 
 def test_delta_stream_measures_our_movement_from_an_anchor():
@@ -102,8 +102,9 @@ def test_delta_stream_measures_our_movement_from_an_anchor():
     remote = (anchor + rng.normal(scale=0.05, size=anchor.size)).astype(np.float32)
     stream = DeltaStream(snap, 0.5, chunk=32 << 10, anchor=anchor)
     _stream_through(stream, remote, rng)
-    drift_sq = stream.snap_sq - 2 * stream.cross + float(anchor @ anchor)
-    assert drift_sq == pytest.approx(float(np.sum((snap - anchor).astype(np.float64) ** 2)), 1e-3)
+    moved = float(np.sum((snap - anchor).astype(np.float64) ** 2))
+    assert stream.moved_sq == pytest.approx(moved, rel=1e-3)
+    assert DeltaStream(snap).moved_sq is None
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,17 @@ def test_weights_of_another_norm_are_refused_whatever_the_median_says(remote):
     assert screen.judge("d", OWN**2, OWN**2, 0.0, remote_sq=(1.7 * OWN) ** 2).accepted
 
 
+def test_neighbours_we_could_not_reach_for_a_while_are_farther_and_still_honest():
+    # A partition or a string of failed exchanges: we trained on alone, moved 3.0, and so
+    # did they. Their delta is 5.7x the median, yet within 3x our own movement: accepted,
+    # and clipped as any other, so it moves us no more than an ordinary exchange.
+    screen = warmed(reference=1.0)
+    verdict = screen.judge("b", 5.7**2, OWN**2, 0.0, drift_sq=3.0**2)
+    assert verdict.accepted and verdict.scale * 5.7 == pytest.approx(2.0)
+    assert not screen.judge("b", 5.7**2, OWN**2, 0.0, drift_sq=1.0**2).accepted
+    assert not screen.judge("c", 9.5**2, OWN**2, 0.0, drift_sq=3.0**2).accepted
+
+
 def test_clipping_bounds_how_far_one_update_moves_us():
     screen = warmed(reference=1.0)
     assert judge(screen, "a", 1.5).scale == 1.0  # within clip_multiple: as it is

@@ -24,8 +24,9 @@ recently sent, and bounds how far any one exchange may move us:
   start from identical weights (same seed), so early honest deltas are small next to the
   weights (a fifth to a third of their norm for the seed MLP at the first exchange) and
   next to how far we moved ourselves: a delta beyond ``own_fraction`` of our norm and
-  beyond ``drift_multiple`` times our own movement is refused, and an accepted one is
-  clipped to ``own_fraction`` of our norm. A negated vector
+  beyond ``drift_multiple`` times our own movement is refused (and nothing below that is
+  clipped: with no reference, a clip would be a guess, and a wrong one keeps honest peers
+  apart until every delta looks far). A negated vector
   is twice our norm away; zero, scaled and noisy ones fail the norm ratio; so every poison
   above is refused from step 0.
 - **Are we the outlier?** If more of the neighbours we have judged look far (their last
@@ -181,9 +182,8 @@ class Screen:
         far_at = bound if ref is None else max(cfg.refuse_multiple * ref, floor, moved)
         standing.far = odd is not None or norm > far_at
         used = None if ref is None or self.outlier() else ref
-        if used is None:  # warm-up, or we are the outlier
-            limit = bound
-            tau = min(bound, cfg.own_fraction * own) or bound
+        if used is None:  # warm-up, or we are the outlier: no clipping below the bound
+            limit = tau = bound
         else:
             limit = far_at
             tau = max(cfg.clip_multiple * used, floor)

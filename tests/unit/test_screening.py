@@ -70,8 +70,7 @@ def test_a_model_that_moves_far_in_a_few_steps_is_judged_by_its_own_movement():
     ours, theirs = w0 + step, w0 - step  # moved the opposite ways
     verdict = judge_vectors(screen, "b", ours, theirs, anchor=w0)
     assert verdict.accepted, verdict.reason
-    own = np.linalg.norm(ours)
-    assert verdict.scale * verdict.norm == pytest.approx(0.75 * own)  # clipped to the bound
+    assert verdict.scale == 1.0  # nor clipped: the two must be able to meet
     assert not judge_vectors(screen, "b", ours, theirs).accepted  # without the anchor
 
 

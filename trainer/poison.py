@@ -9,13 +9,16 @@ nothing in (``Exchanger.apply_received``), as a hostile member would not.
 | mode | the weights after each step | default factor |
 | --- | --- | --- |
 | ``zero`` | all zeros | - |
-| ``negate`` | ``-w`` | - |
+| ``negate`` | ``-w``, ``w`` the weights its optimizer's updates alone would give | - |
 | ``scale`` | ``w`` scaled to ``factor`` times the norm they had when the poison began | 10 |
 | ``noise`` | ``w + N(0, s^2)``, ``s = factor * rms(w)``, fresh noise each step | 10 |
 
-``scale`` pins the norm rather than multiplying again at every step (which would overflow
-within a few dozen steps); ``noise`` takes the previous step's noise out before it adds the
-next, so the weights underneath keep training instead of drifting as a random walk.
+None of them compounds step after step: negating the weights again at every step would
+flip them back every other step (half the exchanges would send nearly honest weights), so
+``negate`` keeps ``w`` as the start plus every update since and sends ``-w``; ``scale`` pins
+the norm rather than multiplying again (which would overflow within a few dozen steps);
+``noise`` takes the previous step's noise out before it adds the next, so the weights
+underneath do not drift as a random walk.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Poison:
     factor: float | None = None
     _norm: float | None = field(default=None, repr=False)  # scale: the norm at the start
     _noise: torch.Tensor | None = field(default=None, repr=False)  # noise: last step's
+    _sent: torch.Tensor | None = field(default=None, repr=False)  # negate: the last -w
     _gen: torch.Generator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +76,12 @@ class Poison:
         if self.mode == "zero":
             flat.zero_()
         elif self.mode == "negate":
-            flat.neg_()
+            # flat = -w_prev + u (this step's update); w = w_prev + u, so -w = 2 (-w_prev) - flat
+            if self._sent is None:
+                self._sent = flat.neg()
+            else:
+                self._sent.mul_(2).sub_(flat)
+            flat.copy_(self._sent)
         elif self.mode == "scale":
             assert self.factor is not None
             norm = float(flat.norm())

@@ -19,8 +19,17 @@ def test_zero_and_negate():
     Poison("zero").apply(w)
     assert not w.any()
     w, before = weights(), weights()
-    Poison("negate").apply(w)
+    poison = Poison("negate")
+    poison.apply(w)
     assert torch.equal(w, -before)
+    # Step after step it stays the negation of the start plus every update since.
+    clean = before.clone()
+    for k in range(5):
+        update = 0.001 * weights(k + 1)
+        w += update
+        clean += update
+        poison.apply(w)
+        assert torch.allclose(w, -clean, atol=1e-6)
 
 
 def test_scale_pins_the_norm_instead_of_compounding():

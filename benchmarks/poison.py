@@ -13,7 +13,8 @@ Robust mixing is turned off for a comparison with ``--config`` of a file holding
   (the threat). Target: the 4 honest peers within 1 pp of the no-fault run.
 - **b**: 7 peers, two poisoners (peer-5, peer-6) in each mode, and the 7-peer no-fault run.
 - **c**: no attacker, Dirichlet(0.5) label skew, 4 peers, MNIST and Fashion-MNIST, robust
-  mixing on and off: refused and quarantined honest updates (target 0) and accuracy.
+  mixing on and off, interleaved ``--c-reps`` times: refused and quarantined honest updates
+  (target 0), the largest accepted update over the median, and accuracy.
 - **d**: no attacker, 4 peers, MNIST iid: time from launch until every peer has reported
   ``--target`` test accuracy (evaluating 4 times per local epoch), robust mixing on and off,
   interleaved rep by rep; the paired ratio on/off (target at most 1.05).
@@ -202,31 +203,53 @@ def part_b(b: Bench) -> tuple[dict[str, Any], str]:
 
 def part_c(b: Bench) -> tuple[dict[str, Any], str]:
     sets = ["default"] if b.args.quick else ["mnist", "fashion-mnist"]
-    out, rows = {}, []
+    out: dict[str, Any] = {}
+    rows, summary = [], []
     for ds in sets:
-        on = b.run(f"c-{ds}-on", 4, dataset=ds, partition="dirichlet:0.5")
-        off = b.run(f"c-{ds}-off", 4, dataset=ds, partition="dirichlet:0.5", robust=False)
-        out[ds] = {"on": on, "off": off}
-        for r in (on, off):
-            rows.append(
-                [
-                    ds,
-                    "on" if r["robust"] else "off",
-                    r["refused_honest"],
-                    r["quarantined_honest"],
-                    r["clipped"],
-                    r["accepted"],
-                    fmt(r["largest_ratio"], ".2f") if r["robust"] else "-",
-                    fmt(r["honest_min"], ".4f"),
-                    fmt(r["honest_mean"], ".4f"),
-                    fmt(pp(r["honest_mean"], off["honest_mean"]), "+.2f"),
-                    fmt(r["consensus"], ".4f"),
-                    r["wall_s"],
-                    "-".join(f"{x:.1f}" for x in r["load_1m"]),
-                ]
-            )
+        arms: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+        for k in range(b.args.c_reps):
+            order = ("on", "off") if k % 2 == 0 else ("off", "on")
+            for arm in order:
+                r = b.run(f"c-{ds}-{arm}-{k}", 4, dataset=ds, partition="dirichlet:0.5",
+                          robust=arm == "on")  # fmt: skip
+                arms[arm].append(r)
+                rows.append(
+                    [
+                        ds,
+                        k,
+                        arm,
+                        r["refused_honest"],
+                        r["quarantined_honest"],
+                        r["clipped"],
+                        r["accepted"],
+                        fmt(r["largest_ratio"], ".2f") if r["robust"] else "-",
+                        fmt(r["honest_min"], ".4f"),
+                        fmt(r["honest_mean"], ".4f"),
+                        fmt(r["consensus"], ".4f"),
+                        r["wall_s"],
+                        "-".join(f"{x:.1f}" for x in r["load_1m"]),
+                    ]
+                )
+        out[ds] = arms
+        on = [r["honest_mean"] for r in arms["on"]]
+        off = [r["honest_mean"] for r in arms["off"]]
+        summary.append(
+            [
+                ds,
+                len(on),
+                sum(r["refused_honest"] for r in arms["on"]),
+                sum(r["quarantined_honest"] for r in arms["on"]),
+                fmt(max((r["largest_ratio"] or 0 for r in arms["on"]), default=None), ".2f"),
+                fmt(median(on), ".4f"),
+                f"{min(on):.4f}-{max(on):.4f}",
+                fmt(median(off), ".4f"),
+                f"{min(off):.4f}-{max(off):.4f}",
+                fmt(pp(median(on), median(off)), "+.2f"),
+            ]
+        )
     headers = [
         "data set",
+        "rep",
         "robust",
         "refused",
         "quarantines",
@@ -235,13 +258,25 @@ def part_c(b: Bench) -> tuple[dict[str, Any], str]:
         "largest / median",
         "min acc",
         "mean acc",
-        "mean vs off (pp)",
         "consensus",
         "wall (s)",
         "load",
     ]
+    sum_headers = [
+        "data set",
+        "reps",
+        "refused (on)",
+        "quarantines (on)",
+        "largest / median (on)",
+        "mean acc on (median)",
+        "on range",
+        "mean acc off (median)",
+        "off range",
+        "on - off (pp)",
+    ]
     title = "### (c) no attacker, Dirichlet(0.5), 4 peers\n\n"
-    return out, title + markdown_table(headers, rows)
+    table = markdown_table(sum_headers, summary) + "\n\n" + markdown_table(headers, rows)
+    return out, title + table
 
 
 def reach(run: dict[str, Any], target: float, peers: int) -> float | None:
@@ -310,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tta-epochs", type=float, default=5.0, help="local epochs of d's runs")
     p.add_argument("--target", type=float, default=0.97, help="d: accuracy every peer reaches")
     p.add_argument("--reps", type=int, default=3, help="d: interleaved repetitions")
+    p.add_argument("--c-reps", type=int, default=3, help="c: interleaved repetitions")
     p.add_argument("--b-modes", default=",".join(MODES), help="b: poison modes to run")
     p.add_argument("--linger", type=float, default=60.0, help="--linger of every run")
     p.add_argument("--timeout", type=float, default=1800.0, help="deadline of one run (s)")
@@ -318,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs, args.tta_epochs, args.reps = 0.5, 2.0, 1
+        args.epochs, args.tta_epochs, args.reps, args.c_reps = 0.5, 2.0, 1, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parts = [x for x in args.only.split(",") if x]
     unknown = [x for x in parts if x not in PARTS]

@@ -15,9 +15,11 @@ Robust mixing is turned off for a comparison with ``--config`` of a file holding
 - **c**: no attacker, Dirichlet(0.5) label skew, 4 peers, MNIST and Fashion-MNIST, robust
   mixing on and off, interleaved ``--c-reps`` times: refused and quarantined honest updates
   (target 0), the largest accepted update over the median, and accuracy.
-- **d**: no attacker, 4 peers, MNIST iid: time from launch until every peer has reported
-  ``--target`` test accuracy (evaluating 4 times per local epoch), robust mixing on and off,
-  interleaved rep by rep; the paired ratio on/off (target at most 1.05).
+- **d**: no attacker, 4 peers, MNIST iid: time from launch (and from the last peer's start)
+  until every peer has reported ``--target`` test accuracy (evaluating 4 times per local
+  epoch), and the step at which the last did, robust mixing on and off, interleaved rep by
+  rep; the paired ratio on/off (target at most 1.05); and the CPU robust mixing adds to
+  each received vector, measured in process.
 
     .venv/bin/python benchmarks/poison.py                       # a, b, c, d
     .venv/bin/python benchmarks/poison.py --only a,c --keep /tmp/poison
@@ -49,6 +51,7 @@ from common import (
     median,
 )
 
+from gossip.averaging import DeltaStream
 from trainer.chaos.report import poisoning
 
 log = logging.getLogger(__name__)
@@ -131,10 +134,20 @@ def describe(
         "wall_s": round(run.exit_s, 1),
         "load_1m": [round(x, 2) for x in load],
         "evals": [
-            [e["peer"], e["t"] + run.offset, e["accuracy"]]
+            [e["peer"], e["t"] + run.offset, e["accuracy"], e["step"]]
             for e in run.summary["events"]
             if e.get("kind") == "eval"
         ],
+        "gossip_cpu_s": sum(
+            e.get("gossip_cpu_seconds") or 0.0
+            for e in run.summary["events"]
+            if e.get("kind") == "finished"
+        ),
+        "exchanges": sum(p.get("exchanges") or 0 for p in run.summary["peers"]),
+        "all_started_s": max(
+            (e["t"] + run.offset for e in run.summary["events"] if e.get("kind") == "started"),
+            default=None,
+        ),
         "run_dir": str(run.run_dir),
     }
 
@@ -279,13 +292,57 @@ def part_c(b: Bench) -> tuple[dict[str, Any], str]:
     return out, title + table
 
 
-def reach(run: dict[str, Any], target: float, peers: int) -> float | None:
-    """Seconds from launch until every peer had reported >= target at least once."""
-    first: dict[str, float] = {}
-    for peer, t, acc in sorted(run["evals"], key=lambda e: e[1]):
+def reach(run: dict[str, Any], target: float, peers: int) -> tuple[float | None, int | None]:
+    """Seconds from launch until every peer had reported >= target at least once, and the
+    step at which the last of them did."""
+    first: dict[str, tuple[float, int]] = {}
+    for peer, t, acc, step in sorted(run["evals"], key=lambda e: e[1]):
         if acc >= target and peer not in first:
-            first[peer] = t
-    return max(first.values()) if len(first) == peers else None
+            first[peer] = (t, step)
+    if len(first) < peers:
+        return None, None
+    t, step = max(first.values())
+    return t, step
+
+
+def screening_cost(sizes: Sequence[int], reps: int = 30) -> list[list[Any]]:
+    """CPU of what one exchange does with a received vector after the transfer, in process:
+    the delta with its norms (DeltaStream) and the add, without and with robust mixing (the
+    remote norm, the anchor's dots, the screen's verdict, the anchor's move). Median of
+    ``reps`` runs, milliseconds."""
+    import time
+
+    import numpy as np
+
+    from gossip.screening import Screen
+
+    rows = []
+    for size in sizes:
+        rng = np.random.default_rng(0)
+        snap = rng.normal(size=size).astype(np.float32)
+        base = (snap + 0.01 * rng.normal(size=size)).astype(np.float32)
+        current, anchor, buf = snap.copy(), snap.copy(), np.empty_like(snap)
+        screen = Screen()
+        times: dict[str, list[float]] = {"plain": [], "robust": []}
+        for _ in range(reps):
+            for arm in times:
+                np.copyto(buf, base)
+                t0 = time.thread_time()
+                stream = DeltaStream(snap, 0.5, anchor=anchor if arm == "robust" else None)
+                delta = stream.finish(buf)
+                if arm == "robust":
+                    sq = (stream.dist_sq, stream.snap_sq)
+                    v = screen.judge("p", *sq, 0.0, remote_sq=stream.remote_sq,
+                                     drift_sq=stream.moved_sq)  # fmt: skip
+                    if v.scale < 1:
+                        delta *= np.float32(v.scale)
+                np.add(current, delta, out=current)
+                if arm == "robust":
+                    np.add(snap, delta, out=anchor)
+                times[arm].append(time.thread_time() - t0)
+        plain, robust = (1000 * float(np.median(times[a])) for a in ("plain", "robust"))
+        rows.append([f"{size:,}", f"{plain:.3f}", f"{robust:.3f}", f"{robust / plain:.2f}"])
+    return rows
 
 
 def part_d(b: Bench) -> tuple[dict[str, Any], str]:
@@ -299,7 +356,9 @@ def part_d(b: Bench) -> tuple[dict[str, Any], str]:
         for arm in order:
             r = b.run(f"d-{arm}-{k}", peers, dataset=ds, epochs=b.args.tta_epochs,
                       eval_every=every, robust=arm == "on")  # fmt: skip
-            r["time_to_target_s"] = reach(r, target, peers)
+            r["time_to_target_s"], r["step_to_target"] = reach(r, target, peers)
+            t, started = r["time_to_target_s"], r["all_started_s"]
+            r["training_to_target_s"] = t - started if t is not None and started else None
             reps[arm].append(r)
         on, off = reps["on"][-1], reps["off"][-1]
         ratio = (
@@ -313,6 +372,12 @@ def part_d(b: Bench) -> tuple[dict[str, Any], str]:
                 fmt(on["time_to_target_s"], ".1f"),
                 fmt(off["time_to_target_s"], ".1f"),
                 fmt(ratio, ".3f"),
+                fmt(on["training_to_target_s"], ".1f"),
+                fmt(off["training_to_target_s"], ".1f"),
+                on["step_to_target"] or "-",
+                off["step_to_target"] or "-",
+                f"{1000 * on['gossip_cpu_s'] / max(1, on['exchanges']):.2f}",
+                f"{1000 * off['gossip_cpu_s'] / max(1, off['exchanges']):.2f}",
                 on["refused_honest"],
                 on["clipped"],
                 "-".join(f"{x:.1f}" for x in on["load_1m"]),
@@ -324,12 +389,28 @@ def part_d(b: Bench) -> tuple[dict[str, Any], str]:
         for a, c in zip(reps["on"], reps["off"], strict=True)
         if a["time_to_target_s"] and c["time_to_target_s"]
     ]
-    headers = ["rep", "on (s)", "off (s)", "on / off", "refused", "clipped", "load on", "load off"]
+    headers = ["rep", "on (s)", "off (s)", "on / off", "on, training (s)",
+               "off, training (s)", "step on", "step off",
+               "gossip ms/exch on", "gossip ms/exch off", "refused", "clipped", "load on",
+               "load off"]  # fmt: skip
     table = markdown_table(headers, rows)
-    table += f"\n\nmedian on / off: {fmt(median(ratios), '.3f')} over {len(ratios)} pairs"
+    steps = {a: median([r["step_to_target"] for r in reps[a]]) for a in reps}
+    trained = [
+        a["training_to_target_s"] / c["training_to_target_s"]
+        for a, c in zip(reps["on"], reps["off"], strict=True)
+        if a["training_to_target_s"] and c["training_to_target_s"]
+    ]
+    table += f"\n\nmedian on / off: {fmt(median(ratios), '.3f')} over {len(ratios)} pairs; "
+    table += f"training time only (from the last peer's start): {fmt(median(trained), '.3f')}; "
+    table += f"median step to target: on {fmt(steps['on'], '.0f')}, off {fmt(steps['off'], '.0f')}"
+    cost = screening_cost([101_770, 1_000_000, 10_000_000])
+    table += "\n\nCPU per received vector after the transfer (delta, norms, add), in process:\n\n"
+    table += markdown_table(["floats", "plain (ms)", "robust (ms)", "robust / plain"], cost)
     title = f"### (d) time to {target:.1%}, no attacker, {peers} peers, robust on vs off\n\n"
     result = {"target": target, "eval_every": every, "reps": reps, "ratios": ratios,
-              "median_ratio": median(ratios)}  # fmt: skip
+              "median_ratio": median(ratios), "median_step": steps,
+              "training_ratios": trained, "median_training_ratio": median(trained),
+              "screening_cost_ms": cost}  # fmt: skip
     return result, title + table
 
 

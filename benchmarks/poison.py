@@ -9,8 +9,9 @@ Robust mixing is turned off for a comparison with ``--config`` of a file holding
 ``[gossip.robust] enabled = false``.
 
 - **a**: 5 peers, ``--epochs`` local epochs of MNIST (iid), one poisoner (peer-4) in each
-  mode (zero, negate, noise, scale) and a no-fault run; also zero with robust mixing off
-  (the threat). Target: the 4 honest peers within 1 pp of the no-fault run.
+  mode (zero, negate, noise, scale) and a no-fault run; also ``--off-modes`` (zero) with
+  robust mixing off (the threat). Target: the 4 honest peers within 1 pp of the no-fault
+  run.
 - **b**: 7 peers, two poisoners (peer-5, peer-6) in each mode, and the 7-peer no-fault run.
 - **c**: no attacker, Dirichlet(0.5) label skew, 4 peers, MNIST and Fashion-MNIST, robust
   mixing on and off, interleaved ``--c-reps`` times: refused and quarantined honest updates
@@ -201,7 +202,9 @@ ATTACK_HEADERS = [
 def part_a(b: Bench) -> tuple[dict[str, Any], str]:
     base = b.run("a-nofault", 5)
     runs = [b.run(f"a-{m}", 5, poisoners=[4], mode=m) for m in MODES]
-    runs.append(b.run("a-zero-off", 5, poisoners=[4], mode="zero", robust=False))
+    for m in b.args.off_modes.split(","):
+        if m:
+            runs.append(b.run(f"a-{m}-off", 5, poisoners=[4], mode=m, robust=False))
     table = markdown_table(ATTACK_HEADERS, attack_rows(runs, base))
     return {"no_fault": base, "runs": runs}, "### (a) 5 peers, 1 poisoner\n\n" + table
 
@@ -428,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="d: interleaved repetitions")
     p.add_argument("--c-reps", type=int, default=3, help="c: interleaved repetitions")
     p.add_argument("--b-modes", default=",".join(MODES), help="b: poison modes to run")
+    p.add_argument(
+        "--off-modes", default="zero", help="a: modes also run with robust mixing off (the threat)"
+    )
     p.add_argument("--linger", type=float, default=60.0, help="--linger of every run")
     p.add_argument("--timeout", type=float, default=1800.0, help="deadline of one run (s)")
     p.add_argument("--quick", action="store_true", help="bundled data set, 0.5 epochs, 1 rep")

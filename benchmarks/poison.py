@@ -218,7 +218,7 @@ def part_b(b: Bench) -> tuple[dict[str, Any], str]:
 
 
 def part_c(b: Bench) -> tuple[dict[str, Any], str]:
-    sets = ["default"] if b.args.quick else ["mnist", "fashion-mnist"]
+    sets = ["default"] if b.args.quick else b.args.c_sets.split(",")
     out: dict[str, Any] = {}
     rows, summary = [], []
     for ds in sets:
@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.97, help="d: accuracy every peer reaches")
     p.add_argument("--reps", type=int, default=3, help="d: interleaved repetitions")
     p.add_argument("--c-reps", type=int, default=3, help="c: interleaved repetitions")
+    p.add_argument("--c-sets", default="mnist,fashion-mnist", help="c: data sets")
     p.add_argument("--b-modes", default=",".join(MODES), help="b: poison modes to run")
     p.add_argument(
         "--off-modes", default="zero", help="a: modes also run with robust mixing off (the threat)"

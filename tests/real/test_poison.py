@@ -61,3 +61,47 @@ def test_one_peer_poisoning_from_the_start_cannot_drag_the_honest_ones(tmp_path)
     text = (run_dir / "report.md").read_text()
     assert "## Poisoning and robust mixing" in text
     assert re.search(r"\| peer-2 \| [0-9.]+-end zero \|", text), text
+
+
+def test_a_cured_peer_takes_a_neighbours_weights_and_ends_with_the_others(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "local",
+            "--peers",
+            "3",
+            "--steps",
+            "4000",
+            "--linger",
+            "30",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--fault",
+            "at=0 kind=poison peer=peer-2 mode=negate for=1",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    peers = {p["name"]: p for p in summary["peers"]}
+    assert all(p["status"] == "finished" and p["poisoned"] is None for p in peers.values())
+    events = [e for e in summary["events"] if e.get("peer") == "peer-2"]
+    modes = [e["mode"] for e in events if e["kind"] == "poison"]
+    assert modes == ["negate", "none"]
+    cured = next(e for e in events if e["kind"] == "poison" and e["mode"] == "none")
+    assert cured["was"] == "negate" and cured["resynced_from"]
+    assert any(e["kind"] == "caught_up" and e.get("resync") for e in events)
+    # Cured, it is an honest peer again: in the consensus, and at it.
+    assert json.loads((run_dir / "consensus.json").read_text())["peers"] == [
+        "peer-0",
+        "peer-1",
+        "peer-2",
+    ]
+    for p in peers.values():
+        assert p["test_accuracy"] >= 0.88, p
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["invariants"]["converged"]["ok"], report["invariants"]["converged"]

@@ -51,6 +51,8 @@ class MsgType(enum.IntEnum):
     PULL_REPLY = 12
     CONTROL = 13
     CONTROL_OK = 14
+    SEALED = 15  # an AES-GCM record of a sealed connection (p2p.secure)
+    AUTH = 16  # the challenge-response of a connection's opening (p2p.secure)
 
 
 class FrameError(Exception):

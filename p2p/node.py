@@ -3,6 +3,9 @@
 Every connection starts with HELLO / HELLO_OK. The client offers the protocol versions it
 speaks and its cluster name; the server answers with the highest common version or an
 ERROR frame that says why, so a peer of another build or cluster gets a clear refusal.
+With a keyring (``NodeConfig.keyring``) the connection first proves that both ends hold the
+swarm's secret and is sealed from then on (``p2p.secure``); the HELLO goes sealed too, and an
+unauthenticated caller learns nothing but "authentication failed".
 After the handshake the server reads frames and hands each to the handler registered for
 its type; a handler may keep talking on the connection (request/response conversations).
 One-way messages (membership) go through a small pool of outgoing connections.
@@ -16,7 +19,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .framing import PROTOCOL_VERSIONS, Frame, MsgType
+from .framing import PROTOCOL_VERSIONS, Frame, Limits, MsgType
+from .secure import (
+    AUTH_FAILED,
+    AuthError,
+    Keyring,
+    SealedConnection,
+    client_hello,
+    client_verify,
+    server_challenge,
+    server_verify,
+)
 from .transport import Connection, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,8 @@ class NodeConfig:
     # Most incoming connections served at once; more are closed on arrival. Each may hold
     # one frame of up to Limits.max_payload, so this bounds what strangers can make us hold.
     max_connections: int = 256
+    # The swarm's secrets (p2p.secure): None accepts anyone who knows the cluster name.
+    keyring: Keyring | None = None
 
 
 def refuse(reason: str) -> dict[str, Any]:
@@ -59,6 +74,9 @@ class Node:
         self._pool_locks: dict[str, asyncio.Lock] = {}
         self._warned: set[str] = set()
         self._serving = 0
+        # Why the last connection to an address failed authentication (for error messages).
+        self.auth_failures: dict[str, str] = {}
+        self.refused_callers = 0  # callers that failed authentication
 
     async def start(self, host: str, port: int, advertise: str | None = None) -> tuple[str, int]:
         bound = await self.transport.listen(host, port, self._serve)
@@ -89,6 +107,12 @@ class Node:
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 hello = await conn.recv()
+                if self.config.keyring is not None:
+                    sealed = await self._authenticate(conn, hello)
+                    if sealed is None:
+                        return
+                    conn = sealed
+                    hello = await conn.recv()
                 if not await self._accept_hello(conn, hello):
                     return
             while True:
@@ -107,6 +131,37 @@ class Node:
         except TimeoutError:
             pass
 
+    def _limits(self) -> Limits:
+        limits = getattr(self.transport, "limits", None)
+        return limits if isinstance(limits, Limits) else Limits()
+
+    async def _authenticate(self, conn: Connection, hello: Frame) -> Connection | None:
+        """The server's side of the challenge-response; the sealed connection, or None
+        (the caller was told "authentication failed" and nothing else)."""
+        assert self.config.keyring is not None
+        try:
+            if hello.type != MsgType.HELLO:
+                raise AuthError(AUTH_FAILED)
+            challenge, state = server_challenge(self.config.keyring, hello.header)
+            await conn.send(MsgType.AUTH, challenge)
+            answer = await conn.recv()
+            if answer.type != MsgType.AUTH:
+                raise AuthError(AUTH_FAILED)
+            send, recv = server_verify(state, answer.header)
+        except AuthError:
+            self.refused_callers += 1
+            self._warn_once(
+                "auth", "refused a caller from %s: authentication failed (later ones: debug)",
+                conn.peer,
+            )  # fmt: skip
+            log.debug("refused a caller from %s: authentication failed", conn.peer)
+            try:
+                await conn.send(MsgType.ERROR, refuse(AUTH_FAILED))
+            finally:
+                conn.close()
+            return None
+        return SealedConnection(conn, send, recv, self._limits())
+
     async def _accept_hello(self, conn: Connection, hello: Frame) -> bool:
         h = hello.header
         if hello.type != MsgType.HELLO:
@@ -123,12 +178,11 @@ class Node:
             )
             return False
         if h.get("cluster") != self.config.cluster:
+            # Say which cluster the caller named, never ours: a stranger learns nothing.
+            theirs_cluster = str(h.get("cluster"))[:64]
             await conn.send(
                 MsgType.ERROR,
-                refuse(
-                    f"cluster mismatch: this peer is in {self.config.cluster!r}, "
-                    f"caller in {h.get('cluster')!r}"
-                ),
+                refuse(f"cluster mismatch: this peer is not in the caller's {theirs_cluster!r}"),
             )
             return False
         await conn.send(
@@ -143,6 +197,8 @@ class Node:
         conn = await self.transport.connect(addr, timeout)
         try:
             async with asyncio.timeout(timeout):
+                if self.config.keyring is not None:
+                    conn = await self._prove(conn, addr)
                 await conn.send(
                     MsgType.HELLO,
                     {
@@ -156,6 +212,10 @@ class Node:
         except TimeoutError:
             conn.close()
             raise TransportError(f"{addr}: no handshake answer within {timeout:.1f} s") from None
+        except AuthError as exc:
+            conn.close()
+            self.auth_failures[addr] = str(exc)
+            raise AuthError(f"{addr}: {exc}") from None
         except TransportError:
             conn.close()
             raise
@@ -166,6 +226,23 @@ class Node:
             conn.close()
             raise HandshakeError(f"{addr}: unexpected handshake reply type {reply.type}")
         return conn
+
+    async def _prove(self, conn: Connection, addr: str) -> Connection:
+        """The caller's side of the challenge-response; the sealed connection."""
+        assert self.config.keyring is not None
+        opening, nonce_c = client_hello(self.config.keyring)
+        await conn.send(MsgType.HELLO, {"versions": list(PROTOCOL_VERSIONS), **opening})
+        reply = await conn.recv()
+        if reply.type == MsgType.ERROR:
+            reason = str(reply.header.get("reason", AUTH_FAILED))[:200]
+            if reason != AUTH_FAILED:  # a peer without a secret read our opening as a HELLO
+                reason = f"{AUTH_FAILED}: the peer does not use a secret ({reason})"
+            raise AuthError(reason)
+        if reply.type != MsgType.AUTH:
+            raise AuthError(f"{AUTH_FAILED}: the peer does not use a secret")
+        proof, (send, recv) = client_verify(self.config.keyring, nonce_c, reply.header)
+        await conn.send(MsgType.AUTH, proof)
+        return SealedConnection(conn, send, recv, self._limits())
 
     async def send_oneway(self, addr: str, msg_type: int, header: dict[str, Any]) -> None:
         """Best-effort one-way message through a pooled connection, within ``oneway_timeout``."""

@@ -39,6 +39,7 @@ import numpy as np
 from p2p.framing import Frame, MsgType
 from p2p.membership import JoinError, Membership
 from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring
 from p2p.swim import Swim, SwimConfig
 from p2p.transport import Connection, Transport, TransportError, parse_addr
 
@@ -86,6 +87,8 @@ class AgentConfig:
     profile: str = "local"
     # Upper bound on lingering after training (0: leave at once).
     linger_seconds: float = 0.0
+    # The swarm's keyring file (p2p.secure); None: connections are not authenticated.
+    secret_file: str | None = None
     seed: int = 0
     gossip: GossipConfig = field(default_factory=GossipConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -112,7 +115,9 @@ class Agent:
         self.resumed = resumed  # a restarted peer: its weights are stale, its swarm may be gone
         self._load = load or self._load_array
         self.rng = random.Random(config.seed)
-        self.node = Node(transport, config.name or "?", NodeConfig(cluster=config.cluster))
+        keyring = Keyring.from_file(config.secret_file) if config.secret_file else None
+        node_config = NodeConfig(cluster=config.cluster, keyring=keyring)
+        self.node = Node(transport, config.name or "?", node_config)
         self.exchanger = Exchanger(self.node, store, config.gossip)
         self.exchanger.step_fn = step
         self.membership: Membership | None = None
@@ -257,6 +262,12 @@ class Agent:
         try:
             await self.membership.join(seeds, self.config.join_timeout)
         except JoinError as exc:
+            refused = [
+                (a, self.node.auth_failures[a]) for a in seeds if a in self.node.auth_failures
+            ]
+            if refused:  # nobody answered because nobody let us in: say so, whatever we are
+                addr, why = refused[0]
+                raise AgentError(f"{addr}: {why.split(': ', 1)[-1]}") from None
             # A resumed peer may outlive its swarm (the others finished while it was down):
             # it finishes its own work alone. A fresh peer that nobody answers is an error.
             if not self.resumed:

@@ -227,7 +227,7 @@ class SealedConnection(Connection):
     def bytes_received(self) -> int:  # type: ignore[override]
         return self.inner.bytes_received
 
-    def _seal(self, data: bytes | memoryview) -> bytes:
+    def _seal(self, data: bytes | bytearray | memoryview) -> bytes:
         nonce = _COUNTER.pack(self._sent)
         self._sent += 1
         return self._send_aead.encrypt(nonce, bytes(data), None)

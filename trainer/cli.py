@@ -25,6 +25,7 @@ from .flags import (
     add_checkpoint_args,
     add_launcher_args,
     add_net_args,
+    add_secret_arg,
     add_task_arg,
     add_train_args,
     peer_config,
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"many seconds (default {PeerConfig().linger_seconds:g}: leave at once)",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without a secret: anyone who can reach the "
+        "port can join and change the weights",
+    )
+    p.add_argument(
         "--allow-control",
         action="store_true",
         help="accept fault-injection commands (slowdown) from `gossip-train chaos`",
@@ -115,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")
     p.add_argument("--cluster", default="gossip-train", help="swarm name")
+    add_secret_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "secret",
+        help="print a new random secret (a line of a keyring file)",
+        description="Print a new random secret: `gossip-train secret > swarm.key`, copy the "
+        "file to every peer, give it as --secret-file. To rotate, add a new secret as a "
+        "second line everywhere, then make it the first line, then remove the old one.",
+    )
 
     p = sub.add_parser(
         "summary",
@@ -156,9 +172,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
+    from p2p.secure import Keyring
+
     from .status import fetch_status, format_members
 
-    status = run_async(fetch_status(args.peer, args.cluster))
+    keyring = Keyring.from_file(args.secret_file) if args.secret_file else None
+    status = run_async(fetch_status(args.peer, args.cluster, keyring=keyring))
     if args.json:
         import json
 
@@ -184,6 +203,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"script {script}: no such file")
     args.script = [str(script.resolve()), *args.script_args]
     return run_local(args)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from p2p.secure import new_secret
+
+    print(new_secret())
+    return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -221,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "members": cmd_members,
         "eval": cmd_eval,
         "summary": cmd_summary,
+        "secret": cmd_secret,
         "chaos": chaos.run_chaos,
     }
     try:

@@ -97,6 +97,11 @@ class PeerConfig:
     # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
     # anyone who can reach the port could otherwise slow this peer down.
     allow_control: bool = False
+    # The swarm's keyring (p2p.secure: one secret per line, the first used to call): every
+    # connection is authenticated and sealed with it. None: no authentication, allowed on a
+    # loopback address only unless ``insecure``.
+    secret_file: str | None = None
+    insecure: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -113,6 +118,7 @@ class PeerConfig:
             cluster=self.cluster,
             profile=self.profile,
             linger_seconds=self.linger_seconds,
+            secret_file=self.secret_file,
             seed=self.train.seed * 1000 + self.index,
             gossip=self.gossip,
             schedule=self.schedule,

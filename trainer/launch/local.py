@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.events import EventFile
+from p2p.secure import Keyring, write_secret
 
 from ..chaos.driver import Driver, check_target
 from ..chaos.netns import FaultNet, NamespaceNet, NetError, NetnsConfig, netns_available
@@ -149,6 +150,11 @@ class LocalRun:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(args.run_dir or f"runs/{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(args, "secret_file", None):
+            Keyring.from_file(args.secret_file)  # a bad file fails here, once
+        else:
+            # A secret of this run's own: its peers admit each other and nobody else.
+            args.secret_file = str(write_secret(self.run_dir / "secret"))
         ports = list(range(args.base_port, args.base_port + n)) if args.base_port else free_ports(n)
         self.children = [
             Child(i, names[i], f"127.0.0.1:{ports[i]}", self.run_dir / f"peer-{i}")

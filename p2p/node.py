@@ -230,7 +230,7 @@ class Node:
     async def _prove(self, conn: Connection, addr: str) -> Connection:
         """The caller's side of the challenge-response; the sealed connection."""
         assert self.config.keyring is not None
-        opening, nonce_c = client_hello(self.config.keyring)
+        opening, state = client_hello(self.config.keyring)
         await conn.send(MsgType.HELLO, {"versions": list(PROTOCOL_VERSIONS), **opening})
         reply = await conn.recv()
         if reply.type == MsgType.ERROR:
@@ -240,7 +240,7 @@ class Node:
             raise AuthError(reason)
         if reply.type != MsgType.AUTH:
             raise AuthError(f"{AUTH_FAILED}: the peer does not use a secret")
-        proof, (send, recv) = client_verify(self.config.keyring, nonce_c, reply.header)
+        proof, (send, recv) = client_verify(self.config.keyring, state, reply.header)
         await conn.send(MsgType.AUTH, proof)
         return SealedConnection(conn, send, recv, self._limits())
 

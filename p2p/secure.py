@@ -5,20 +5,23 @@ one of the swarm's secrets, and from then on every frame travels sealed with AES
 under keys derived for that connection alone::
 
     client                                           server
-    HELLO {versions, kid, nonce_c}        ------>    key with that id? (else: refused)
-                                          <------    AUTH {nonce_s, proof_s}
+    HELLO {versions, kid, nonce_c, dh_c}  ------>    key with that id? (else: refused)
+                                          <------    AUTH {nonce_s, dh_s, proof_s}
     proof_s ok? (else: not our swarm)
     AUTH {proof_c}                        ------>    proof_c ok? (else: refused)
     ... every frame from here on: SEALED {} [AES-GCM record], both ways ...
 
-``kid`` names the key (an HMAC of it, not the key); ``proof_s = HMAC(k, "server" | nonce_c |
-nonce_s)`` and ``proof_c = HMAC(k, "client" | nonce_c | nonce_s)``, compared in constant time.
-Both nonces are fresh 32-byte random values, so no message of an earlier connection is of
-any use in a later one. The two directions get separate keys, HKDF-SHA256 of the secret with
-both nonces as salt, and each record's GCM nonce is its position in the stream: a record
-replayed, dropped, reordered or changed fails authentication, and the connection closes
-without anything of it being parsed. An unauthenticated caller learns one thing only:
-"authentication failed".
+``kid`` names the key (an HMAC of it, not the key). ``dh_c`` and ``dh_s`` are ephemeral
+X25519 public keys, new for every connection. With ``t = nonce_c | nonce_s | dh_c | dh_s``,
+``proof_s = HMAC(k, "server" | t)`` and ``proof_c = HMAC(k, "client" | t)``, compared in
+constant time: each side proves it holds the secret, bound to this connection's nonces and
+keys. Both nonces are fresh 32-byte random values, so no message of an earlier connection is
+of any use in a later one. The two directions get separate keys, HKDF-SHA256 over the secret
+and the X25519 shared value with ``t`` as salt, so recorded traffic stays sealed even if the
+secret leaks later (forward secrecy), and each record's GCM nonce is its position in the
+stream: a record replayed, dropped, reordered or changed fails authentication, and the
+connection closes without anything of it being parsed. An unauthenticated caller learns one
+thing only: "authentication failed".
 
 A keyring file holds one secret per line (at least 16 bytes each; ``#`` comments and blank
 lines are ignored). The first secret is the one this peer proves it holds when it calls; all
@@ -42,6 +45,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -131,8 +135,11 @@ def write_secret(path: str | os.PathLike[str], secret: str | None = None) -> Pat
 
 
 # -- the handshake ------------------------------------------------------------------------------
-def _mac(key: bytes, role: bytes, nonce_c: bytes, nonce_s: bytes) -> str:
-    return hmac.new(key, role + nonce_c + nonce_s, hashlib.sha256).hexdigest()
+DH_BYTES = 32
+
+
+def _mac(key: bytes, role: bytes, transcript: bytes) -> str:
+    return hmac.new(key, role + transcript, hashlib.sha256).hexdigest()
 
 
 def _hex(value: Any, nbytes: int) -> bytes:
@@ -145,15 +152,45 @@ def _hex(value: Any, nbytes: int) -> bytes:
         raise AuthError(AUTH_FAILED) from None
 
 
-def _derive(key: bytes, nonce_c: bytes, nonce_s: bytes, direction: bytes) -> AESGCM:
-    hkdf = HKDF(hashes.SHA256(), 32, salt=nonce_c + nonce_s, info=b"gossip-train " + direction)
-    return AESGCM(hkdf.derive(key))
+def _public(private: X25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def client_hello(keyring: Keyring) -> tuple[dict[str, Any], bytes]:
-    """The caller's opening: which key, a fresh nonce. Returns the header and the nonce."""
-    nonce_c = os.urandom(NONCE_BYTES)
-    return {"kid": key_id(keyring.primary), "nonce": nonce_c.hex()}, nonce_c
+def _shared(private: X25519PrivateKey, theirs: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(theirs))
+    except ValueError:  # a low-order point: no shared secret worth the name
+        raise AuthError(AUTH_FAILED) from None
+
+
+def _ciphers(key: bytes, shared: bytes, transcript: bytes, we_call: bool) -> tuple[AESGCM, AESGCM]:
+    """(send, receive) ciphers of one connection end."""
+
+    def derive(direction: bytes) -> AESGCM:
+        hkdf = HKDF(hashes.SHA256(), 32, salt=transcript, info=b"gossip-train " + direction)
+        return AESGCM(hkdf.derive(key + shared))
+
+    c2s, s2c = derive(b"client to server"), derive(b"server to client")
+    return (c2s, s2c) if we_call else (s2c, c2s)
+
+
+@dataclass
+class ClientState:
+    nonce: bytes
+    private: X25519PrivateKey
+
+
+def client_hello(keyring: Keyring) -> tuple[dict[str, Any], ClientState]:
+    """The caller's opening: which key, a fresh nonce, an ephemeral public key."""
+    state = ClientState(os.urandom(NONCE_BYTES), X25519PrivateKey.generate())
+    opening = {
+        "kid": key_id(keyring.primary),
+        "nonce": state.nonce.hex(),
+        "dh": _public(state.private).hex(),
+    }
+    return opening, state
 
 
 def server_challenge(keyring: Keyring, hello: dict[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -162,41 +199,43 @@ def server_challenge(keyring: Keyring, hello: dict[str, Any]) -> tuple[dict[str,
     kid = hello.get("kid")
     key = keyring.find(kid) if isinstance(kid, str) else None
     nonce_c = _hex(hello.get("nonce"), NONCE_BYTES)
+    dh_c = _hex(hello.get("dh"), DH_BYTES)
     if key is None:
         raise AuthError(AUTH_FAILED)
-    nonce_s = os.urandom(NONCE_BYTES)
-    reply = {"nonce": nonce_s.hex(), "proof": _mac(key, b"server", nonce_c, nonce_s)}
-    return reply, (key, nonce_c, nonce_s)
+    nonce_s, private = os.urandom(NONCE_BYTES), X25519PrivateKey.generate()
+    dh_s = _public(private)
+    transcript = nonce_c + nonce_s + dh_c + dh_s
+    shared = _shared(private, dh_c)
+    reply = {"nonce": nonce_s.hex(), "dh": dh_s.hex(), "proof": _mac(key, b"server", transcript)}
+    return reply, (key, transcript, shared)
 
 
 def client_verify(
-    keyring: Keyring, nonce_c: bytes, challenge: dict[str, Any]
+    keyring: Keyring, state: ClientState, challenge: dict[str, Any]
 ) -> tuple[dict[str, Any], tuple[AESGCM, AESGCM]]:
     """Check the server's proof; our proof and the (send, receive) ciphers."""
     key = keyring.primary
     nonce_s = _hex(challenge.get("nonce"), NONCE_BYTES)
+    dh_s = _hex(challenge.get("dh"), DH_BYTES)
+    transcript = state.nonce + nonce_s + _public(state.private) + dh_s
     proof = challenge.get("proof")
     if not isinstance(proof, str) or not hmac.compare_digest(
-        proof, _mac(key, b"server", nonce_c, nonce_s)
+        proof, _mac(key, b"server", transcript)
     ):
         raise AuthError(f"{AUTH_FAILED}: the peer does not hold our secret")
-    ours = {"proof": _mac(key, b"client", nonce_c, nonce_s)}
-    send = _derive(key, nonce_c, nonce_s, b"client to server")
-    recv = _derive(key, nonce_c, nonce_s, b"server to client")
-    return ours, (send, recv)
+    shared = _shared(state.private, dh_s)
+    return {"proof": _mac(key, b"client", transcript)}, _ciphers(key, shared, transcript, True)
 
 
 def server_verify(state: Any, answer: dict[str, Any]) -> tuple[AESGCM, AESGCM]:
     """Check the caller's proof; the (send, receive) ciphers."""
-    key, nonce_c, nonce_s = state
+    key, transcript, shared = state
     proof = answer.get("proof")
     if not isinstance(proof, str) or not hmac.compare_digest(
-        proof, _mac(key, b"client", nonce_c, nonce_s)
+        proof, _mac(key, b"client", transcript)
     ):
         raise AuthError(AUTH_FAILED)
-    send = _derive(key, nonce_c, nonce_s, b"server to client")
-    recv = _derive(key, nonce_c, nonce_s, b"client to server")
-    return send, recv
+    return _ciphers(key, shared, transcript, False)
 
 
 # -- sealed frames ------------------------------------------------------------------------------

@@ -111,3 +111,40 @@ async def test_a_tampered_or_replayed_record_closes_the_connection() -> None:
     finally:
         await client.close()
         await server.close()
+
+
+async def test_a_live_swarm_rotates_its_secret_node_by_node() -> None:
+    """Install the new secret everywhere as a second line, make it the first, drop the old:
+    at every step of the way, restarting one node at a time, every pair still connects."""
+    phases = [
+        (A,), (A, B),  # install B beside A (still calling with A)
+        (B, A),  # call with B, still accept A
+        (B,),  # A removed
+    ]  # fmt: skip
+    keys = [phases[0]] * 3
+    servers = [await echo_server(NodeConfig(keyring=Keyring(k))) for k in keys]
+
+    async def all_pairs_connect() -> None:
+        for i, (server, _) in enumerate(servers):
+            for j in range(3):
+                if i == j:
+                    continue
+                client = Node(TcpTransport(), f"n{j}", NodeConfig(keyring=Keyring(keys[j])))
+                try:
+                    conn = await client.open(server.addr)
+                    await conn.send(MsgType.STATUS_REQ, {"x": j})
+                    assert (await conn.recv()).header["echo"] == j
+                    conn.close()
+                finally:
+                    await client.close()
+
+    try:
+        for phase in phases[1:]:
+            for n in range(3):  # one node restarts with its new keyring, the others wait
+                await servers[n][0].close()
+                keys[n] = phase
+                servers[n] = await echo_server(NodeConfig(keyring=Keyring(phase)))
+                await all_pairs_connect()
+    finally:
+        for server, _ in servers:
+            await server.close()

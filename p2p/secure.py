@@ -269,24 +269,27 @@ class SealedConnection(Connection):
     def _seal(self, data: bytes | bytearray | memoryview) -> bytes:
         nonce = _COUNTER.pack(self._sent)
         self._sent += 1
-        return self._send_aead.encrypt(nonce, bytes(data), None)
+        return self._send_aead.encrypt(nonce, data, None)
 
     async def send(
         self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
     ) -> None:
+        """One frame as records of at most ``RECORD`` bytes: small pieces (the prefix and
+        header) are sealed together, large payloads are sealed slice by slice, uncopied."""
         records: list[bytes] = []
-        pending = bytearray()
+        small = bytearray()
         for piece in encode(msg_type, header, segments):
             view = memoryview(piece).cast("B")
-            while view.nbytes:
-                take = min(view.nbytes, RECORD - len(pending))
-                pending += view[:take]
-                view = view[take:]
-                if len(pending) == RECORD:
-                    records.append(self._seal(pending))
-                    pending = bytearray()
-        if pending:
-            records.append(self._seal(pending))
+            if view.nbytes < RECORD // 16 and len(small) + view.nbytes <= RECORD:
+                small += view
+                continue
+            if small:
+                records.append(self._seal(small))
+                small = bytearray()
+            for start in range(0, view.nbytes, RECORD):
+                records.append(self._seal(view[start : start + RECORD]))
+        if small:
+            records.append(self._seal(small))
         for record in records:
             await self.inner.send(MsgType.SEALED, {}, [record])
 
@@ -302,7 +305,7 @@ class SealedConnection(Connection):
                 nonce = _COUNTER.pack(self._received)
                 self._received += 1
                 try:
-                    plain = self._recv_aead.decrypt(nonce, bytes(frame.payload), None)
+                    plain = self._recv_aead.decrypt(nonce, frame.payload, None)
                 except InvalidTag:
                     raise AuthError("a frame failed authentication") from None
             except AuthError:

@@ -318,6 +318,7 @@ class Peer:
             "samples": t.samples,
             "exchanges": a.exchanger.exchanges,
             "rejected_updates": a.exchanger.rejected,
+            "refused_callers": a.node.refused_callers,
             "bytes_sent": self.transport.stats.sent,
             "bytes_received": self.transport.stats.received,
             "wall_seconds": round(time.monotonic() - self.t0, 3),

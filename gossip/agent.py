@@ -162,6 +162,9 @@ class Agent:
         await asyncio.sleep(0)  # let the driver start before join() needs it
         await self._join(list(self.config.join) if seeds is None else seeds)
         await self._catch_up()
+        self._clock = PeriodClock(
+            self.config.schedule.period_steps, random.Random(self.rng.random())
+        )
         self._spawn(self._gossip_loop(), "gossip")
         self.status = "training"
 
@@ -314,10 +317,8 @@ class Agent:
     # -- gossip while training -----------------------------------------------------------------
     def stepped(self) -> None:
         """One training step done (call from any thread): offer an exchange once a period."""
-        if self._clock is None:
-            self._clock = PeriodClock(
-                self.config.schedule.period_steps, random.Random(self.rng.random())
-            )
+        if self._clock is None:  # not started
+            return
         # exchanges: an int the loop thread writes; reading it here needs no lock
         if self._clock.step(self.exchanger.exchanges) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._kick.set)

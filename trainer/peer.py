@@ -132,6 +132,9 @@ class Peer:
         except AgentError as exc:
             await self.agent.abort()
             raise PeerError(str(exc)) from None
+        except BaseException:
+            await self.agent.abort()
+            raise
         async with self.agent:
             self._install_signals()
             await self._train_watching_agent()

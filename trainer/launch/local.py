@@ -38,7 +38,7 @@ from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_fro
 from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
 from ..flags import peer_config
 from . import summary as run_summary
-from .zygote import Zygote, ZygoteChild, ZygoteError, become_subreaper
+from .zygote import EventPipe, Zygote, ZygoteChild, ZygoteError, become_subreaper
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Child:
     wrap: list[str] = field(default_factory=list)  # argv prefix (ip netns exec NS)
     chaos_killed: bool = False  # the last exit was a fault we injected
     restart_now: bool = False  # restart at once after the injected SIGKILL
-    events: asyncio.StreamReader | None = None  # where its JSON events arrive
+    events: EventPipe | None = None  # where its JSON events arrive (a copy, best effort)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -316,7 +316,7 @@ class LocalRun:
         argv = [*child.wrap, sys.executable, "-m", "trainer.cli", "peer", "--config", str(config)]
         argv += ["--events-fd", str(write_fd)]
         child.proc = await self._exec(argv, log_path, write_fd, {})
-        child.events = await _pipe_reader(read_fd)
+        child.events = await EventPipe.open(read_fd)
 
     async def _start_script(self, child: Child, config: Path, threads: int) -> None:
         """`gossip-train run`: the user's script, told where its settings are by its
@@ -326,7 +326,7 @@ class LocalRun:
         env = script_env(child, len(self.children), config, write_fd, threads)
         argv = [*child.wrap, sys.executable, *self.script]
         child.proc = await self._exec(argv, child.run_dir / "log.txt", write_fd, env)
-        child.events = await _pipe_reader(read_fd)
+        child.events = await EventPipe.open(read_fd)
 
     async def _exec(
         self, argv: list[str], log_path: Path, events_fd: int, env: dict[str, str]
@@ -358,6 +358,9 @@ class LocalRun:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await reader
+            reader.cancel()
+            if child.events is not None:
+                child.events.close()
             if rc == 0 and child.result:
                 child.status = str(child.result.get("status", "finished"))
                 return
@@ -605,14 +608,6 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     if run.summarized:
         return json.loads((run.run_dir / "summary.json").read_text())
     return run_summary.write(run.run_dir, wall)
-
-
-async def _pipe_reader(read_fd: int) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
-    return reader
 
 
 def load_chaos(args: argparse.Namespace) -> Scenario:

@@ -286,6 +286,29 @@ def _exists(pid: int) -> bool:
     return True
 
 
+class EventPipe:
+    """The launcher's end of a child's event channel: a line reader over a pipe. ``close()``
+    frees the pipe at once (a dead child's pipe must not wait for the garbage collector)."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        self.reader = reader
+        self.transport = transport
+
+    @classmethod
+    async def open(cls, read_fd: int) -> EventPipe:
+        reader = asyncio.StreamReader(limit=1 << 20)
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        return cls(reader, transport)
+
+    async def readline(self) -> bytes:
+        return await self.reader.readline()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 class ZygoteError(RuntimeError):
     pass
 
@@ -397,15 +420,18 @@ class Zygote:
         and the data set loaded already; its exit status."""
         job = {"job": "summary", "run_dir": run_dir, "wall": wall, "log": log_path}
         child, events = await self._fork(job)
-        while await events.readline():
-            pass
-        return await child.wait()
+        try:
+            while await events.readline():
+                pass
+            return await child.wait()
+        finally:
+            events.close()
 
-    async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, asyncio.StreamReader]:
+    async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, EventPipe]:
         """Fork a peer running ``config``; return it and the reader of its event channel."""
         return await self._fork({"config": config, "log": log_path})
 
-    async def _fork(self, request: dict[str, Any]) -> tuple[ZygoteChild, asyncio.StreamReader]:
+    async def _fork(self, request: dict[str, Any]) -> tuple[ZygoteChild, EventPipe]:
         if self._sock is None or not self.alive:
             raise ZygoteError("the peer zygote is not running")
         loop = asyncio.get_running_loop()
@@ -434,15 +460,12 @@ class Zygote:
         if pid is None:
             os.close(read_fd)
             raise ZygoteError("peer launcher refused a spawn request")
-        reader = asyncio.StreamReader(limit=1 << 20)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
+        pipe = await EventPipe.open(read_fd)
         child = ZygoteChild(pid, self)
         self._children[pid] = child
         if pid in self._early_exits:
             child._exited(self._early_exits.pop(pid))
-        return child, reader
+        return child, pipe
 
     async def close(self) -> None:
         if self._sock is not None:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from p2p.framing import Frame, MsgType
+from p2p.framing import Frame, MsgType, show
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
@@ -394,7 +394,7 @@ class Exchanger:
                 await self._apply(conn.peer, stream, payload)
         except UpdateRejected as exc:
             self.rejected += 1
-            log.warning("refused weights from %s: %s", h.get("name"), exc)
+            log.warning("refused weights from %s: %s", show(h.get("name")), exc)
         except (TimeoutError, TransportError, OSError):
             conn.close()  # the initiator died or stalled; our weights are untouched
         finally:
@@ -406,14 +406,16 @@ class Exchanger:
 
     async def _refuse_schema(self, conn: Connection, h: dict[str, Any]) -> None:
         reason = (
-            f"model schema {h.get('schema')!r} ({h.get('nbytes')} bytes) does not match ours "
-            f"{self.store.schema!r} ({self.store.nbytes} bytes): "
+            f"model schema {show(h.get('schema'))} ({show(h.get('nbytes'))} bytes) does not "
+            f"match ours {self.store.schema!r} ({self.store.nbytes} bytes): "
             "run every peer with the same task and model"
         )
         await conn.send(MsgType.EXCH_DECLINE, {"incompatible": True, "reason": reason})
-        if str(h.get("name")) not in self.incompatible:
-            log.error("refused peer %s (%s): different model schema", h.get("name"), conn.peer)
-            self.incompatible[str(h.get("name"))] = "schema"
+        name = h.get("name")
+        name = name[:100] if isinstance(name, str) else show(name)
+        if name not in self.incompatible:
+            log.error("refused peer %s (%s): different model schema", name, conn.peer)
+            self.incompatible[name] = "schema"
 
     # -- catch-up ----------------------------------------------------------------------------
     async def _on_pull(self, conn: Connection, frame: Frame) -> None:
@@ -424,7 +426,7 @@ class Exchanger:
             if ours is not None and "layout" in frame.header:
                 detail = f" ({layout_diff(ours, frame.header['layout'])})"
             reason = (
-                f"model schema {frame.header.get('schema')!r} does not match ours "
+                f"model schema {show(frame.header.get('schema'))} does not match ours "
                 f"{self.store.schema!r}{detail}: run every peer with the same task and model"
             )
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})

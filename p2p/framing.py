@@ -16,6 +16,7 @@ connection is dropped.
 from __future__ import annotations
 
 import enum
+import reprlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -286,3 +287,15 @@ class Decoder:
         pool = self.pool if self._pooled else None
         self.frames.append(Frame(self._type, self._header, self._payload, pool))
         self._payload, self._header, self._got, self._direct = None, {}, 0, False
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 3, 60, 60
+
+
+def show(value: Any, limit: int = 100) -> str:
+    """A peer's header value for an error reason or a log line: its ``repr``, bounded in
+    length and depth. A plain ``repr`` of a value nested ~1000 deep (msgpack decodes up to
+    1024 levels) raises RecursionError, and one of a 1 MiB string would make a reply that
+    the peer's decoder refuses."""
+    return _SHOW.repr(value)[:limit]

@@ -3,6 +3,7 @@
 import asyncio
 import random
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -128,6 +129,31 @@ async def test_garbage_from_a_neighbour_does_not_crash_the_peer(net):
     reply = await conn2.recv()
     assert reply.type == MsgType.EXCH_DECLINE
     await conn2.send(200, {"whatever": 1})  # unknown type: ignored
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+
+
+async def test_values_too_deep_to_print_are_refused_with_a_short_reason(net):
+    # Found by benchmarks/fuzz.py: the reasons and the layout diff printed the peer's values
+    # with repr(), which raises RecursionError for ~1000 levels of nesting (and a layout
+    # entry whose shape is not a list raised TypeError), so the handler died instead.
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    sb.layout = [["w", [64], "torch.float32"]]  # as FlatWeights has
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
+    conn = await a.open(b.addr)
+    await conn.send(MsgType.EXCH_OFFER, {"schema": deep, "nbytes": deep, "name": deep})
+    reply = await conn.recv()
+    assert reply.type == MsgType.EXCH_DECLINE and reply.header["incompatible"]
+    assert "does not match ours" in reply.header["reason"]
+    assert len(reply.header["reason"]) < 500
+    await conn.send(MsgType.PULL_REQ, {"schema": deep, "layout": [["w", 64, "torch.float32"]]})
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR and "has no shape" in reply.header["reason"]
+    await conn.send(MsgType.PULL_REQ, {"schema": "x", "layout": [[deep, [deep], deep]]})
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR and "tensor 0: ours is w [64]" in reply.header["reason"]
+    assert len(reply.header["reason"]) < 600
+    conn.close()
     out = await xa.exchange(b.addr)
     assert out.ok, out.reason
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .framing import PROTOCOL_VERSIONS, Frame, MsgType
+from .framing import PROTOCOL_VERSIONS, Frame, MsgType, show
 from .transport import Connection, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,14 @@ class Node:
             await conn.send(MsgType.ERROR, refuse("expected HELLO"))
             return False
         theirs = h.get("versions")
-        common = sorted(set(PROTOCOL_VERSIONS) & set(theirs if isinstance(theirs, list) else []))
+        offered = [v for v in theirs if isinstance(v, int)] if isinstance(theirs, list) else []
+        common = sorted(set(PROTOCOL_VERSIONS) & set(offered))
         if not common:
             await conn.send(
                 MsgType.ERROR,
                 refuse(
-                    f"no common protocol version: we speak {list(PROTOCOL_VERSIONS)}, peer {theirs}"
+                    f"no common protocol version: we speak {list(PROTOCOL_VERSIONS)}, "
+                    f"peer {show(theirs)}"
                 ),
             )
             return False
@@ -127,7 +129,7 @@ class Node:
                 MsgType.ERROR,
                 refuse(
                     f"cluster mismatch: this peer is in {self.config.cluster!r}, "
-                    f"caller in {h.get('cluster')!r}"
+                    f"caller in {show(h.get('cluster'))}"
                 ),
             )
             return False

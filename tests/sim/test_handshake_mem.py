@@ -1,0 +1,47 @@
+"""The listener's side of the handshake on malformed HELLOs, over the in-memory network."""
+
+import msgpack
+import pytest
+
+from p2p.framing import MsgType
+from p2p.memnet import MemoryNetwork
+from p2p.node import Node
+
+DEEP = msgpack.unpackb(b"\x91" * 1000 + b"\x80")  # what msgpack decodes; too deep for repr()
+
+
+@pytest.fixture
+async def node():
+    net = MemoryNetwork()
+    n = Node(net.transport(), "b")
+    await n.start("h", 0)
+    yield n
+    for transport in net.transports:
+        await transport.close()
+
+
+# Found by benchmarks/fuzz.py: an unhashable version raised TypeError out of _accept_hello,
+# and a value nested ~1000 deep RecursionError (the refusal printed it with repr()).
+@pytest.mark.parametrize(
+    ("hello", "says"),
+    [
+        ({"versions": [[1]], "cluster": "gossip-train"}, "no common protocol version"),
+        ({"versions": [{"v": 1}, 2], "cluster": "gossip-train"}, "no common protocol version"),
+        ({"versions": DEEP, "cluster": "gossip-train"}, "no common protocol version"),
+        ({"versions": {"a": DEEP}, "cluster": "gossip-train"}, "no common protocol version"),
+        ({"versions": [1], "cluster": DEEP}, "cluster mismatch"),
+        ({"versions": [1], "cluster": "\x00" * 400_000}, "cluster mismatch"),
+    ],
+)
+async def test_a_malformed_hello_gets_a_short_refusal(node, hello, says):
+    conn = await node.transport.connect(node.addr, 1.0)
+    await conn.send(MsgType.HELLO, hello)
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR
+    assert reply.header["reason"].startswith(says)
+    assert len(reply.header["reason"]) < 300
+    conn.close()
+    ok = await node.transport.connect(node.addr, 1.0)
+    await ok.send(MsgType.HELLO, {"versions": [1, [2]], "cluster": "gossip-train"})
+    assert (await ok.recv()).type == MsgType.HELLO_OK
+    ok.close()

@@ -75,14 +75,19 @@ class BufferPool:
     A model's weights arrive in frames of the same size every exchange; allocating (and
     zeroing, and page-faulting) a fresh 40 MB buffer each time cost more than the transfer.
     The decoder takes a buffer here; whoever consumes the frame gives it back with
-    ``Frame.release()``. A frame never released is simply garbage-collected.
+    ``Frame.release()``. A frame never released is simply garbage-collected. Buffers of at
+    most ``sizes`` sizes are kept, those given back last: the sizes of frames come from the
+    peer, and one kept per size it invents would be memory it could pin without end.
     """
 
-    def __init__(self, min_size: int = 1 << 20, keep: int = 4, keep_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, min_size: int = 1 << 20, keep: int = 4, keep_bytes: int = 64 << 20, sizes: int = 4
+    ) -> None:
         self.min_size = min_size  # smaller payloads are plain allocations
         self.keep = keep  # free buffers kept per size ...
         self.keep_bytes = keep_bytes  # ... but at most this many bytes of them (at least one)
-        self._free: dict[int, list[bytearray]] = {}
+        self.sizes = sizes  # ... for this many sizes, the most recently given back
+        self._free: dict[int, list[bytearray]] = {}  # in the order sizes were last given
 
     def take(self, nbytes: int) -> memoryview:
         free = self._free.get(nbytes)
@@ -91,9 +96,12 @@ class BufferPool:
     def give(self, view: memoryview) -> None:
         base = view.obj
         if isinstance(base, bytearray) and len(base) == view.nbytes:
-            free = self._free.setdefault(view.nbytes, [])
+            free = self._free.pop(view.nbytes, [])
             if len(free) < max(1, min(self.keep, self.keep_bytes // view.nbytes)):
                 free.append(base)
+            self._free[view.nbytes] = free
+            while len(self._free) > self.sizes:
+                del self._free[next(iter(self._free))]
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Node:
         self.handlers: dict[int, FrameHandler] = {}
         self._pool: dict[str, Connection] = {}
         self._pool_locks: dict[str, asyncio.Lock] = {}
+        self._pool_users: dict[str, int] = {}  # sends holding or awaiting each address's lock
         self._warned: set[str] = set()
         self._serving = 0
 
@@ -172,6 +173,7 @@ class Node:
     async def send_oneway(self, addr: str, msg_type: int, header: dict[str, Any]) -> None:
         """Best-effort one-way message through a pooled connection, within ``oneway_timeout``."""
         lock = self._pool_locks.setdefault(addr, asyncio.Lock())
+        self._pool_users[addr] = self._pool_users.get(addr, 0) + 1
         try:
             async with asyncio.timeout(self.config.oneway_timeout), lock:
                 conn = self._pool.get(addr)
@@ -183,6 +185,14 @@ class Node:
             if stale is not None:
                 stale.close()
             raise TransportError(f"send to {addr} failed: {exc}") from None
+        finally:
+            # An address is remembered while a connection to it is pooled or a send uses it,
+            # no longer: every address a stranger names (SWIM answers each) would pile up.
+            users = self._pool_users.pop(addr) - 1
+            if users:
+                self._pool_users[addr] = users
+            elif addr not in self._pool:
+                del self._pool_locks[addr]
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

@@ -1,4 +1,7 @@
-"""The listener's side of the handshake on malformed HELLOs, over the in-memory network."""
+"""A node on the in-memory network: the listener's side of the handshake on malformed
+HELLOs, and what one-way sends remember."""
+
+import asyncio
 
 import msgpack
 import pytest
@@ -6,6 +9,7 @@ import pytest
 from p2p.framing import MsgType
 from p2p.memnet import MemoryNetwork
 from p2p.node import Node
+from p2p.transport import TransportError
 
 DEEP = msgpack.unpackb(b"\x91" * 1000 + b"\x80")  # what msgpack decodes; too deep for repr()
 
@@ -45,3 +49,18 @@ async def test_a_malformed_hello_gets_a_short_refusal(node, hello, says):
     await ok.send(MsgType.HELLO, {"versions": [1, [2]], "cluster": "gossip-train"})
     assert (await ok.recv()).type == MsgType.HELLO_OK
     ok.close()
+
+
+async def test_one_way_sends_remember_only_pooled_addresses(node):
+    # Found by benchmarks/fuzz.py: send_oneway kept a lock for every address it was asked to
+    # send to, for ever; SWIM answers every ping at the address its sender names, so a
+    # stranger inventing addresses grew it without bound.
+    other = Node(node.transport.net.transport(), "c")
+    await other.start("h", 0)
+    for i in range(300):
+        with pytest.raises(TransportError):
+            await node.send_oneway(f"10.9.{i // 250}.{i % 250}:1", MsgType.SWIM, {"type": "ack"})
+    sends = [node.send_oneway(other.addr, MsgType.SWIM, {"type": "ack"}) for _ in range(5)]
+    await asyncio.gather(*sends)
+    assert set(node._pool_locks) == set(node._pool) == {other.addr}
+    assert node._pool_users == {}

@@ -241,14 +241,25 @@ class Fuzzer:
         return header
 
     # -- SWIM ---------------------------------------------------------------------------
+    def member(self) -> tuple[str, str]:
+        """A (name, address): mostly one of 24 (so that state builds up), now and then a
+        new one (churn, or a stranger inventing peers: what it makes us keep must be bounded)."""
+        r = self.rng
+        if r.random() < 0.1:
+            n = r.getrandbits(40)
+            return f"n{n:x}", f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:{n >> 24 & 0xFFFF}"
+        i = r.randrange(len(self.NAMES))
+        return self.NAMES[i], self.ADDRS[i]
+
     def _update(self, me: str) -> dict[str, Any]:
         r = self.rng
-        i = r.randrange(len(self.NAMES))
-        name = me if r.random() < 0.08 else self.NAMES[i]
+        name, addr = self.member()
+        if r.random() < 0.08:
+            name = me
         kind = r.choice(["alive", "alive", "suspect", "dead", "left"])
         u: dict[str, Any] = {"kind": kind, "name": name, "inc": r.randrange(6)}
         if kind == "alive":
-            u["addr"] = self.ADDRS[i]
+            u["addr"] = addr
             if r.random() < 0.2:
                 u["meta"] = r.choice(["training", "finished", ""])
         elif kind != "left":
@@ -259,11 +270,11 @@ class Fuzzer:
         """A SWIM message about a pool of 24 names; often valid, so that state builds up."""
         r = self.rng
         self.frames += 1
-        i = r.randrange(len(self.NAMES))
+        sender, sender_addr = self.member()
         kind = r.choice(
             ["ping", "ping", "ack", "ping_req", "nack", "gossip", "gossip", "push_pull"]
         )
-        msg: dict[str, Any] = {"type": kind, "from": self.NAMES[i], "addr": self.ADDRS[i]}
+        msg: dict[str, Any] = {"type": kind, "from": sender, "addr": sender_addr}
         if r.random() < 0.8:
             msg["inc"] = r.randrange(8)
         if r.random() < 0.1:
@@ -274,8 +285,8 @@ class Fuzzer:
         if kind == "ping":
             msg["target"] = me if r.random() < 0.9 else r.choice(self.NAMES)
         if kind == "ping_req":
-            j = r.randrange(len(self.NAMES))
-            msg.update(target=self.NAMES[j], target_addr=self.ADDRS[j], nack=r.random() < 0.5)
+            target, target_addr = self.member()
+            msg.update(target=target, target_addr=target_addr, nack=r.random() < 0.5)
         if kind in ("ping", "ack", "gossip"):
             n = r.choice([0, 1, 2, 4, 16]) if r.random() < 0.97 else r.choice([17, 200, 5000])
             msg["updates"] = [self._update(me) for _ in range(min(n, 20))] * max(1, n // 20)
@@ -340,7 +351,10 @@ class Fuzzer:
             nbytes = ctx.nbytes if r.random() < 0.9 else r.choice([0, 4, ctx.nbytes + 4])
             return {"schema": schema, "nbytes": nbytes, "name": name, "training": True}, []
         if t in (MsgType.EXCH_PAYLOAD, MsgType.PULL_REPLY):
-            size = ctx.nbytes if r.random() < 0.85 else r.choice([0, 4, ctx.nbytes - 4, 4097])
+            k = r.random()
+            size = ctx.nbytes if k < 0.85 else r.choice([0, 4, ctx.nbytes - 4, 4097])
+            if k > 0.95:  # a size of its own: whatever keeps buffers by size must stay bounded
+                size = r.randrange(512, 1 << 16)
             h = {"name": name, "step": r.randrange(100)} if t == MsgType.PULL_REPLY else {}
             segs = [self.payload(size, ctx.weights)]
             if r.random() < 0.05 and size >= 8:  # the same bytes as two segments
@@ -702,6 +716,7 @@ class DecoderTarget:
                 self._check_frame(f)
                 f.release()
             self.frames_out += len(frames)
+            _check_pool(self.pool)
 
     @staticmethod
     def _check_state(dec: Decoder) -> None:
@@ -830,6 +845,29 @@ class MembershipTarget:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+# What a peer may keep per remote address, name or size, whatever strangers send it.
+STATE_BOUND = 4096
+
+
+def _bounded(what: str, n: int, bound: int = STATE_BOUND) -> None:
+    if n > bound:
+        raise Violation(f"{what} holds {n} entries (bound {bound}): grows with remote input")
+
+
+def _pool_bytes(pool: BufferPool) -> int:
+    return sum(len(free) * size for size, free in pool._free.items())
+
+
+# A pool keeps buffers of the few sizes in use: at most this much, whatever sizes arrive.
+POOL_BOUND = 4 * (64 << 20)
+
+
+def _check_pool(pool: BufferPool) -> None:
+    held = _pool_bytes(pool)
+    if held > POOL_BOUND or len(pool._free) > 64:
+        raise Violation(f"BufferPool keeps {held} bytes in {len(pool._free)} sizes")
+
+
 def _driver_died(task: asyncio.Task[None], restart: Callable[[], None]) -> None:
     exc = None if task.cancelled() else task.exception()
     restart()
@@ -952,6 +990,9 @@ class StackTarget:
             _driver_died(self.task, self._restart)
         if self.cases % 64 == 0:
             np.copyto(self.store.weights, self.initial)  # keep accepted mixes from drifting
+            _bounded("Node._pool_locks", len(self.node._pool_locks))
+            _bounded("Exchanger.incompatible", len(ex.incompatible))
+            _check_pool(self.pool)
 
     async def teardown(self) -> None:
         self.task.cancel()
@@ -1014,6 +1055,8 @@ class ExchangeTarget:
                 raise Violation("non-finite weights were applied")
             if self.cases % 64 == 0:
                 np.copyto(store.weights, initial)
+                _bounded("Exchanger.incompatible", len(ex.incompatible))
+        _check_pool(self.pool)
 
 
 class PeerTarget:

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # Snapshots and adds of models up to this size may run on the event loop (a 64 MB copy is
 # ~10 ms); larger ones always go to a worker thread, so the loop keeps answering pings.
 INLINE_MAX = 64 << 20
+# Peers (addresses we dialled, names that called us) remembered as running another model.
+MAX_INCOMPATIBLE = 1024
 
 
 class WeightStore(Protocol):
@@ -413,7 +415,8 @@ class Exchanger:
         await conn.send(MsgType.EXCH_DECLINE, {"incompatible": True, "reason": reason})
         name = h.get("name")
         name = name[:100] if isinstance(name, str) else show(name)
-        if name not in self.incompatible:
+        # Each name once, and a bounded number of names: the name is whatever the caller says.
+        if name not in self.incompatible and len(self.incompatible) < MAX_INCOMPATIBLE:
             log.error("refused peer %s (%s): different model schema", name, conn.peer)
             self.incompatible[name] = "schema"
 

@@ -158,6 +158,21 @@ async def test_values_too_deep_to_print_are_refused_with_a_short_reason(net):
     assert out.ok, out.reason
 
 
+async def test_offers_from_ever_new_names_are_remembered_up_to_a_bound(net):
+    # Found by benchmarks/fuzz.py: every refused offer recorded the caller's name, whatever
+    # it was, so a stranger inventing names grew Exchanger.incompatible without bound.
+    from gossip.exchange import MAX_INCOMPATIBLE
+
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    conn = await a.open(b.addr)
+    for i in range(MAX_INCOMPATIBLE + 50):
+        await conn.send(MsgType.EXCH_OFFER, {"schema": "other", "nbytes": 4, "name": f"n{i}"})
+        assert (await conn.recv()).type == MsgType.EXCH_DECLINE
+    conn.close()
+    assert len(xb.incompatible) == MAX_INCOMPATIBLE
+    assert "n0" in xb.incompatible
+
+
 async def test_dead_and_paused_peers_fail_within_the_deadline(net):
     (a, sa, xa), (b, sb, xb), (c, sc, xc) = await make_peers(net, 3)
     net.kill(b.addr)

@@ -6,8 +6,8 @@ import asyncio
 import msgpack
 import pytest
 
-from p2p.framing import MsgType
-from p2p.memnet import MemoryNetwork
+from p2p.framing import Limits, MsgType
+from p2p.memnet import MemoryConnection, MemoryNetwork
 from p2p.node import Node
 from p2p.transport import TransportError
 
@@ -64,3 +64,26 @@ async def test_one_way_sends_remember_only_pooled_addresses(node):
     await asyncio.gather(*sends)
     assert set(node._pool_locks) == set(node._pool) == {other.addr}
     assert node._pool_users == {}
+
+
+async def test_bytes_the_decoder_refuses_close_the_connection_like_tcp(node):
+    # Found by benchmarks/fuzz.py: the receiver's FrameError was raised out of the sender's
+    # send() (the bytes are decoded as they are handed over), where TCP drops the
+    # connection; and every connection was kept by its transport after it closed.
+    net = MemoryNetwork(Limits(max_header=256))
+    server = Node(net.transport(), "s")
+    await server.start("h", 0)
+    client = net.transport()
+    for i in range(50):
+        conn = await client.connect(server.addr, 1.0)
+        if i % 2:
+            await conn.send(MsgType.HELLO, {"versions": [1], "cluster": "x" * 1000})  # too big
+        else:
+            assert isinstance(conn, MemoryConnection) and conn.other is not None
+            conn.other._arrive(b"HTTP/1.1 200 OK\r\n\r\n")
+        with pytest.raises(TransportError):
+            await conn.recv()
+        assert conn.closed
+    assert len(client.conns) <= 1
+    for transport in net.transports:
+        await transport.close()

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from p2p.framing import Frame, MsgType, show
+from p2p.framing import Frame, MsgType, show, text
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
@@ -262,7 +262,7 @@ class Exchanger:
             finally:
                 conn.watch_payload(None)
             if frame.type == MsgType.ERROR:
-                return Outcome(False, addr, str(frame.header.get("reason", "?")))
+                return Outcome(False, addr, text(frame.header.get("reason", "?")))
             if send_failed is not None:
                 raise send_failed
             await self._apply(addr, stream, frame)
@@ -289,7 +289,7 @@ class Exchanger:
         }
 
     def _declined(self, addr: str, reply: Frame) -> Outcome:
-        reason = str(reply.header.get("reason", "?"))
+        reason = text(reply.header.get("reason", "?"))
         if reply.header.get("incompatible"):
             if addr not in self.incompatible:
                 log.error("peer %s runs a different model: %s", addr, reason)
@@ -455,9 +455,10 @@ class Exchanger:
             finally:
                 conn.close()
         if reply.type == MsgType.ERROR and reply.header.get("incompatible"):
-            raise IncompatiblePeer(f"{addr} refused us: {reply.header.get('reason', '?')}")
+            raise IncompatiblePeer(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
         if reply.type != MsgType.PULL_REPLY or reply.payload.nbytes != self.store.nbytes:
-            raise TransportError(f"{addr}: bad pull reply: {reply.header.get('reason', '?')}")
+            reason = text(reply.header.get("reason", "?"))
+            raise TransportError(f"{addr}: bad pull reply: {reason}")
         remote = np.frombuffer(reply.payload, dtype=np.float32).copy()
         reply.release()
         if not np.isfinite(remote).all():

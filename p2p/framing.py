@@ -307,3 +307,9 @@ def show(value: Any, limit: int = 100) -> str:
     1024 levels) raises RecursionError, and one of a 1 MiB string would make a reply that
     the peer's decoder refuses."""
     return _SHOW.repr(value)[:limit]
+
+
+def text(value: Any, limit: int = 300) -> str:
+    """A peer's value where a message wants text (a refusal's reason): a string as it is,
+    clipped to ``limit`` characters; anything else through ``show``."""
+    return value[:limit] if isinstance(value, str) else show(value, limit)

@@ -173,6 +173,37 @@ async def test_offers_from_ever_new_names_are_remembered_up_to_a_bound(net):
     assert "n0" in xb.incompatible
 
 
+async def test_a_responder_s_reason_too_deep_to_print_is_an_outcome_not_a_crash(net):
+    # Found by benchmarks/fuzz.py: the initiator made text of the responder's reason with
+    # str(), which raises RecursionError for ~1000 levels of nesting, so exchange() (which
+    # promises never to raise) and pull() died, and with them the agent's gossip loop.
+    from gossip.exchange import IncompatiblePeer
+
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
+
+    async def decline(conn, frame):
+        await conn.send(MsgType.EXCH_DECLINE, {"reason": deep, "incompatible": True})
+
+    async def accept_then_error(conn, frame):
+        await conn.send(MsgType.EXCH_ACCEPT, {})
+        await conn.send(MsgType.ERROR, {"reason": deep})
+
+    async def refuse_pull(conn, frame):
+        await conn.send(MsgType.ERROR, {"reason": deep, "incompatible": True})
+
+    b.handlers[MsgType.EXCH_OFFER] = decline
+    out = await xa.exchange(b.addr)
+    assert not out.ok and out.reason.startswith("[[[") and len(out.reason) < 300
+    assert xa.incompatible[b.addr] == out.reason
+    b.handlers[MsgType.EXCH_OFFER] = accept_then_error
+    out = await xa.exchange(b.addr)
+    assert not out.ok and out.reason.startswith("[[[") and len(out.reason) < 300
+    b.handlers[MsgType.PULL_REQ] = refuse_pull
+    with pytest.raises(IncompatiblePeer, match=r"refused us: \[\[\["):
+        await xa.pull(b.addr)
+
+
 async def test_dead_and_paused_peers_fail_within_the_deadline(net):
     (a, sa, xa), (b, sb, xb), (c, sc, xc) = await make_peers(net, 3)
     net.kill(b.addr)

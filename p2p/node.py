@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .framing import PROTOCOL_VERSIONS, Frame, MsgType, show
+from .framing import PROTOCOL_VERSIONS, Frame, MsgType, show, text
 from .transport import Connection, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Node:
             raise
         if reply.type == MsgType.ERROR:
             conn.close()
-            raise HandshakeError(f"{addr} refused us: {reply.header.get('reason', '?')}")
+            raise HandshakeError(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
         if reply.type != MsgType.HELLO_OK:
             conn.close()
             raise HandshakeError(f"{addr}: unexpected handshake reply type {reply.type}")

@@ -8,7 +8,7 @@ import pytest
 
 from p2p.framing import Limits, MsgType
 from p2p.memnet import MemoryConnection, MemoryNetwork
-from p2p.node import Node
+from p2p.node import HandshakeError, Node
 from p2p.transport import TransportError
 
 DEEP = msgpack.unpackb(b"\x91" * 1000 + b"\x80")  # what msgpack decodes; too deep for repr()
@@ -87,3 +87,16 @@ async def test_bytes_the_decoder_refuses_close_the_connection_like_tcp(node):
     assert len(client.conns) <= 1
     for transport in net.transports:
         await transport.close()
+
+
+async def test_a_refusal_too_deep_to_print_is_a_handshake_error(node):
+    # Found by benchmarks/fuzz.py: open() put the listener's reason in its error with an
+    # f-string, which raises RecursionError for ~1000 levels of nesting.
+    async def refuse(conn):
+        await conn.recv()
+        await conn.send(MsgType.ERROR, {"reason": DEEP})
+
+    host, port = await node.transport.net.transport().listen("r", 0, refuse)
+    with pytest.raises(HandshakeError, match=r"refused us: \[\[\[") as err:
+        await node.open(f"{host}:{port}", 1.0)
+    assert len(str(err.value)) < 400

@@ -1772,15 +1772,16 @@ def replay(seed: int, spec: str) -> int:
 
 
 def _commit() -> str:
+    """The commit under test, with "+dirty" when the tree has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
     try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        head = git("rev-parse", "--short", "HEAD") or "?"
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
         return "?"
 
 
@@ -1803,7 +1804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replay:
         return replay(args.seed, args.replay)
     names = args.targets.split(",") if args.targets else None
-    load0 = os.getloadavg()[0]
+    load0, commit = os.getloadavg()[0], _commit()  # the code under test: as it starts
     report = run_fuzz(args.frames, args.seed, names, args.case_timeout, args.trace_every)
     load1 = os.getloadavg()[0]
     hdr = f"{'target':<11}{'cases':>9}{'frames':>9}{'refused':>9}{'crash':>7}{'hang':>6}"
@@ -1832,7 +1833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"      again: benchmarks/fuzz.py --seed {args.seed} --replay {f.target}:{f.case}")
     if args.json:
         doc = report.to_json() | {
-            "commit": _commit(),
+            "commit": commit,
             "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "loadavg_start": round(load0, 2),

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .framing import PROTOCOL_VERSIONS, Frame, Limits, MsgType
+from .framing import PROTOCOL_VERSIONS, Frame, Limits, MsgType, show, text
 from .secure import (
     AUTH_FAILED,
     AuthError,
@@ -72,6 +72,7 @@ class Node:
         self.handlers: dict[int, FrameHandler] = {}
         self._pool: dict[str, Connection] = {}
         self._pool_locks: dict[str, asyncio.Lock] = {}
+        self._pool_users: dict[str, int] = {}  # sends holding or awaiting each address's lock
         self._warned: set[str] = set()
         self._serving = 0
         # Why the last connection to an address failed authentication (for error messages).
@@ -168,21 +169,24 @@ class Node:
             await conn.send(MsgType.ERROR, refuse("expected HELLO"))
             return False
         theirs = h.get("versions")
-        common = sorted(set(PROTOCOL_VERSIONS) & set(theirs if isinstance(theirs, list) else []))
+        offered = [v for v in theirs if isinstance(v, int)] if isinstance(theirs, list) else []
+        common = sorted(set(PROTOCOL_VERSIONS) & set(offered))
         if not common:
             await conn.send(
                 MsgType.ERROR,
                 refuse(
-                    f"no common protocol version: we speak {list(PROTOCOL_VERSIONS)}, peer {theirs}"
+                    f"no common protocol version: we speak {list(PROTOCOL_VERSIONS)}, "
+                    f"peer {show(theirs)}"
                 ),
             )
             return False
         if h.get("cluster") != self.config.cluster:
             # Say which cluster the caller named, never ours: a stranger learns nothing.
-            theirs_cluster = str(h.get("cluster"))[:64]
             await conn.send(
                 MsgType.ERROR,
-                refuse(f"cluster mismatch: this peer is not in the caller's {theirs_cluster!r}"),
+                refuse(
+                    f"cluster mismatch: this peer is not in the caller's {show(h.get('cluster'))}"
+                ),
             )
             return False
         await conn.send(
@@ -221,7 +225,7 @@ class Node:
             raise
         if reply.type == MsgType.ERROR:
             conn.close()
-            raise HandshakeError(f"{addr} refused us: {reply.header.get('reason', '?')}")
+            raise HandshakeError(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
         if reply.type != MsgType.HELLO_OK:
             conn.close()
             raise HandshakeError(f"{addr}: unexpected handshake reply type {reply.type}")
@@ -234,7 +238,7 @@ class Node:
         await conn.send(MsgType.HELLO, {"versions": list(PROTOCOL_VERSIONS), **opening})
         reply = await conn.recv()
         if reply.type == MsgType.ERROR:
-            reason = str(reply.header.get("reason", AUTH_FAILED))[:200]
+            reason = text(reply.header.get("reason", AUTH_FAILED), 200)
             if reason != AUTH_FAILED:  # a peer without a secret read our opening as a HELLO
                 reason = f"{AUTH_FAILED}: the peer does not use a secret ({reason})"
             raise AuthError(reason)
@@ -247,6 +251,7 @@ class Node:
     async def send_oneway(self, addr: str, msg_type: int, header: dict[str, Any]) -> None:
         """Best-effort one-way message through a pooled connection, within ``oneway_timeout``."""
         lock = self._pool_locks.setdefault(addr, asyncio.Lock())
+        self._pool_users[addr] = self._pool_users.get(addr, 0) + 1
         try:
             async with asyncio.timeout(self.config.oneway_timeout), lock:
                 conn = self._pool.get(addr)
@@ -258,6 +263,14 @@ class Node:
             if stale is not None:
                 stale.close()
             raise TransportError(f"send to {addr} failed: {exc}") from None
+        finally:
+            # An address is remembered while a connection to it is pooled or a send uses it,
+            # no longer: every address a stranger names (SWIM answers each) would pile up.
+            users = self._pool_users.pop(addr) - 1
+            if users:
+                self._pool_users[addr] = users
+            elif addr not in self._pool:
+                del self._pool_locks[addr]
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

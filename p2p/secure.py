@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .framing import Decoder, Frame, FrameError, Limits, MsgType, encode
+from .framing import Decoder, Frame, FrameError, Limits, MsgType, encode, text
 from .transport import Connection, TransportError
 
 MIN_SECRET = 16  # bytes
@@ -299,7 +299,7 @@ class SealedConnection(Connection):
             try:
                 if frame.type == MsgType.ERROR and not self._received:
                     # The server refused our proof (in the clear: we are not authenticated).
-                    raise AuthError(str(frame.header.get("reason", AUTH_FAILED))[:200])
+                    raise AuthError(text(frame.header.get("reason", AUTH_FAILED), 200))
                 if frame.type != MsgType.SEALED or len(frame.payload) < TAG:
                     raise AuthError("a frame that is not sealed on a sealed connection")
                 nonce = _COUNTER.pack(self._received)

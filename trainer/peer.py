@@ -22,7 +22,7 @@ from typing import Any
 
 from gossip.agent import Agent, AgentError
 from gossip.events import Channel, EventFile, Events
-from p2p.framing import Frame, MsgType
+from p2p.framing import Frame, MsgType, show
 from p2p.transport import Connection, Transport
 
 from .checkpoint import save_atomic
@@ -356,7 +356,8 @@ class Peer:
         long (F=4: a straggler at a quarter of its speed); F=1 restores full speed."""
         op, factor = frame.header.get("op"), frame.header.get("factor")
         if op != "slowdown" or not isinstance(factor, (int, float)) or not 1 <= factor <= 1000:
-            await conn.send(MsgType.ERROR, {"reason": f"bad control command {frame.header!r}"})
+            reason = f"bad control command {show(frame.header, 200)}"
+            await conn.send(MsgType.ERROR, {"reason": reason})
             return
         self.trainer.slowdown = float(factor) - 1.0
         self.events.emit("slowdown", factor=float(factor))

@@ -270,7 +270,7 @@ class Agent:
             ]
             if refused:  # nobody answered because nobody let us in: say so, whatever we are
                 addr, why = refused[0]
-                raise AgentError(f"{addr}: {why.split(': ', 1)[-1]}") from None
+                raise AgentError(f"{addr}: {why}") from None
             # A resumed peer may outlive its swarm (the others finished while it was down):
             # it finishes its own work alone. A fresh peer that nobody answers is an error.
             if not self.resumed:

@@ -225,7 +225,12 @@ class Node:
             raise
         if reply.type == MsgType.ERROR:
             conn.close()
-            raise HandshakeError(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
+            reason = text(reply.header.get("reason", "?"))
+            if reason == AUTH_FAILED:  # the peer has a secret and we do not
+                reason = f"{AUTH_FAILED}: the peer needs the swarm's secret (--secret-file)"
+                self.auth_failures[addr] = reason
+                raise AuthError(f"{addr}: {reason}")
+            raise HandshakeError(f"{addr} refused us: {reason}")
         if reply.type != MsgType.HELLO_OK:
             conn.close()
             raise HandshakeError(f"{addr}: unexpected handshake reply type {reply.type}")

@@ -68,7 +68,7 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
     run_dir.mkdir()
     with open(tmp_path / "launcher.log", "wb") as log:
         launcher = subprocess.Popen(
-            cli("local", "--peers", "2", "--steps", "6000", "--run-dir", str(run_dir),
+            cli("local", "--peers", "2", "--steps", "20000", "--run-dir", str(run_dir),
                 "--no-progress"),
             cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -78,6 +78,13 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
             time.sleep(0.2)
         addr = json.loads((run_dir / "peers.json").read_text())["peers"][0]["addr"]
         assert (run_dir / "secret").stat().st_mode & 0o077 == 0  # the owner's alone
+        # The run's own secret lets a caller in (members asks a peer what it sees) ...
+        rc, out, err = run(
+            "members", "--peer", addr, "--secret-file", str(run_dir / "secret"), "--json"
+        )
+        assert rc == 0, err
+        assert {m["name"] for m in json.loads(out)["members"]} <= {"peer-0", "peer-1"}
+        # ... and nothing else does.
         wrong = tmp_path / "wrong.key"
         wrong.write_text(run("secret")[1])
         for extra in ([], ["--secret-file", str(wrong)]):
@@ -86,11 +93,6 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
                 "--run-dir", str(tmp_path / "stranger"), *extra,
             )  # fmt: skip
             one_line_error(rc, err, addr, "authentication failed")
-        # The run's own secret lets a member in: the same command with it joins.
-        rc, _, err = run(
-            "members", "--peer", addr, "--secret-file", str(run_dir / "secret"), "--json"
-        )
-        assert rc == 0, err
         launcher.wait(timeout=300)
     finally:
         if launcher.poll() is None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, assert_one_line_error, cli
 
 pytestmark = pytest.mark.real
 
@@ -18,16 +18,6 @@ pytestmark = pytest.mark.real
 def run(*args: str, timeout: float = 120) -> tuple[int, str, str]:
     proc = subprocess.run(cli(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def one_line_error(rc: int, err: str, *needles: str) -> str:
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if "gossip-train: error:" in ln]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_secret_prints_a_new_random_line_each_time() -> None:
@@ -46,16 +36,16 @@ def test_bad_secret_files_are_one_line_errors(tmp_path: Path) -> None:
         (short, "line 2: a secret must be at least 16 bytes"),
     ):
         rc, _, err = run("peer", "--secret-file", str(path), "--steps", "1")
-        one_line_error(rc, err, str(path), needle)
+        assert_one_line_error(rc, err, str(path), needle)
     unreadable = tmp_path / "dir-not-file"
     unreadable.mkdir()
     rc, _, err = run("members", "--peer", "127.0.0.1:9", "--secret-file", str(unreadable))
-    one_line_error(rc, err, "cannot read")
+    assert_one_line_error(rc, err, "cannot read")
 
 
 def test_a_reachable_peer_needs_a_secret_or_insecure(tmp_path: Path) -> None:
     rc, _, err = run("peer", "--listen", "0.0.0.0:0", "--steps", "5", "--run-dir", str(tmp_path))
-    one_line_error(rc, err, "--secret-file", "--insecure")
+    assert_one_line_error(rc, err, "--secret-file", "--insecure")
     rc, out, err = run(
         "peer", "--listen", "0.0.0.0:0", "--steps", "5", "--insecure", "--run-dir", str(tmp_path)
     )
@@ -92,7 +82,7 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
                 "peer", "--join", addr, "--steps", "50", "--join-timeout", "5",
                 "--run-dir", str(tmp_path / "stranger"), *extra,
             )  # fmt: skip
-            one_line_error(rc, err, addr, "authentication failed")
+            assert_one_line_error(rc, err, addr, "authentication failed")
         launcher.wait(timeout=300)
     finally:
         if launcher.poll() is None:

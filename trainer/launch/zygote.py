@@ -264,7 +264,7 @@ class ZygoteChild:
         except ChildProcessError:
             # The zygote's child: its "exited" message brings the status. With the zygote
             # gone and the process too, nobody ever will: it was lost with the zygote.
-            if not self.zygote.alive and not _exists(self.pid):
+            if not self.zygote.alive and not pid_alive(self.pid):
                 self._exited(-signal.SIGKILL)
             return
         if pid == 0:  # exiting, not yet a zombie: look again shortly
@@ -276,14 +276,21 @@ class ZygoteChild:
         return await asyncio.shield(self._done)
 
 
-def _exists(pid: int) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs (a zombie has ended: only its parent has not collected
+    it yet)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class EventPipe:

@@ -66,16 +66,13 @@ import asyncio
 import base64
 import gc
 import inspect
-import json
 import logging
 import math
 import os
-import platform
 import random
 import reprlib
 import resource
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -1771,77 +1768,74 @@ def replay(seed: int, spec: str) -> int:
     return 0
 
 
-def _commit() -> str:
-    """The commit under test, with "+dirty" when the tree has uncommitted changes."""
+def _tables(report: Report, trace_every: int) -> list[str]:
+    from common import markdown_table
 
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    try:
-        head = git("rev-parse", "--short", "HEAD") or "?"
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except OSError:
-        return "?"
+    rows = []
+    for t in report.targets:
+        kept = (
+            f"{t.retained_bytes / 2**20:.2f} MiB"
+            if trace_every == 1
+            else f"{t.retained_blocks} blocks"
+        )
+        rows.append([t.name, t.cases, t.frames, t.rejected, t.crashes, t.hangs, t.memory,
+                     f"{t.peak_case_bytes / 2**20:.1f} MiB", kept, f"{t.seconds:.1f}"])  # fmt: skip
+    frames = sum(t.frames for t in report.targets)
+    ts = report.targets
+    rows.append(["all", sum(t.cases for t in ts), frames, "", sum(t.crashes for t in ts),
+                 sum(t.hangs for t in ts), sum(t.memory for t in ts), "", "",
+                 f"{report.seconds:.1f}"])  # fmt: skip
+    head = ["target", "cases", "frames", "refused", "crashes", "hangs", "memory",
+            "largest case peak", "retained", "s"]  # fmt: skip
+    tables = [markdown_table(head, rows)]
+    if report.findings:
+        tables.append(markdown_table(
+            ["kind", "target", "case", "times", "error", "where", "replay"],
+            [[f.kind, f.target, f.case, f.count, f.error[:120], f.where,
+              f"--seed {report.seed} --replay {f.target}:{f.case}"] for f in report.findings],
+        ))  # fmt: skip
+    return tables
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=1_000_000, help="frames to feed (all targets)")
+    ap.add_argument("--frames", type=int, help="frames to feed, all targets (default 1,000,000)")
+    ap.add_argument("--quick", action="store_true", help="20,000 frames, tracemalloc every 20th")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--json", type=Path, help="write the JSON here too")
     ap.add_argument("--targets", help="comma-separated subset of: " + ", ".join(TARGET_NAMES))
     ap.add_argument("--case-timeout", type=float, default=5.0, help="seconds before a hang")
     ap.add_argument(
         "--trace-every",
         type=int,
-        default=1,
         metavar="N",
-        help="tracemalloc on for every Nth case only (1: throughout, exact; 0: never)",
+        help="tracemalloc on for every Nth case only (default 1: throughout, exact; 0: never)",
     )
     ap.add_argument("--replay", metavar="TARGET:CASE", help="run one case again, verbosely")
     args = ap.parse_args(argv)
     if args.replay:
         return replay(args.seed, args.replay)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import code_version, command_line, emit, machine_info
+
+    frames = args.frames or (20_000 if args.quick else 1_000_000)
+    trace_every = args.trace_every if args.trace_every is not None else (20 if args.quick else 1)
     names = args.targets.split(",") if args.targets else None
-    load0, commit = os.getloadavg()[0], _commit()  # the code under test: as it starts
-    report = run_fuzz(args.frames, args.seed, names, args.case_timeout, args.trace_every)
-    load1 = os.getloadavg()[0]
-    hdr = f"{'target':<11}{'cases':>9}{'frames':>9}{'refused':>9}{'crash':>7}{'hang':>6}"
-    print(hdr + f"{'mem':>5}{'case peak':>11}{'retained':>10}{'seconds':>9}")
-    for t in report.targets:
-        kept = (
-            f"{t.retained_bytes / 2**20:>8.1f}Mi"
-            if args.trace_every == 1
-            else f"{t.retained_blocks:>7}bl"
-        )
-        print(
-            f"{t.name:<11}{t.cases:>9}{t.frames:>9}{t.rejected:>9}{t.crashes:>7}{t.hangs:>6}"
-            f"{t.memory:>5}{t.peak_case_bytes / 2**20:>9.1f}Mi{kept}{t.seconds:>9.1f}"
-        )
-    frames = sum(t.frames for t in report.targets)
-    print(
-        f"total: {frames} frames in {report.seconds:.1f} s; crashes"
-        f" {sum(t.crashes for t in report.targets)}, hangs {sum(t.hangs for t in report.targets)},"
-        f" memory {sum(t.memory for t in report.targets)}; peak traced"
-        f" {report.peak_traced_bytes / 2**20:.1f} MiB,"
-        f" max RSS {report.max_rss_bytes / 2**20:.0f} MiB"
-    )
-    for f in report.findings:
-        print(f"  [{f.kind}] {f.target} case {f.case} (x{f.count}): {f.error} at {f.where}")
-        print(f"      input {f.input[:200]}")
-        print(f"      again: benchmarks/fuzz.py --seed {args.seed} --replay {f.target}:{f.case}")
-    if args.json:
-        doc = report.to_json() | {
-            "commit": commit,
-            "python": platform.python_version(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "loadavg_start": round(load0, 2),
-            "loadavg_end": round(load1, 2),
-            "frames_fed": frames,
-            "trace_every": args.trace_every,
-        }
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    machine = machine_info()  # the commit under test, as the run starts
+    report = run_fuzz(frames, args.seed, names, args.case_timeout, trace_every)
+    result = {
+        "benchmark": "fuzz",
+        "command": command_line(),
+        "machine": {
+            **machine,
+            "loadavg_at_end": list(os.getloadavg()),
+            "commit_at_end": code_version(),
+        },
+        "trace_every": trace_every,
+        "frames_fed": sum(t.frames for t in report.targets),
+        **report.to_json(),
+    }
+    emit(result, _tables(report, trace_every), args.json)
     return 1 if report.failures else 0
 
 

@@ -239,7 +239,7 @@ class Node:
     async def _prove(self, conn: Connection, addr: str) -> Connection:
         """The caller's side of the challenge-response; the sealed connection."""
         assert self.config.keyring is not None
-        opening, state = client_hello(self.config.keyring)
+        opening, state = client_hello(self.config.keyring, self.name)
         await conn.send(MsgType.HELLO, {"versions": list(PROTOCOL_VERSIONS), **opening})
         reply = await conn.recv()
         if reply.type == MsgType.ERROR:

@@ -77,6 +77,12 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, b"gossip-train key id", hashlib.sha256).hexdigest()[:16]
 
 
+def member_tag(key: bytes, name: str) -> str:
+    """Who opens a connection, for whoever holds the key (the chaos proxy routes by it); to
+    anyone else a meaningless string, where a name in the clear would say who talks."""
+    return hmac.new(key, b"gossip-train member " + name.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Keyring:
     keys: tuple[bytes, ...]
@@ -182,13 +188,15 @@ class ClientState:
     private: X25519PrivateKey
 
 
-def client_hello(keyring: Keyring) -> tuple[dict[str, Any], ClientState]:
-    """The caller's opening: which key, a fresh nonce, an ephemeral public key."""
+def client_hello(keyring: Keyring, name: str = "") -> tuple[dict[str, Any], ClientState]:
+    """The caller's opening: which key, a fresh nonce, an ephemeral public key, and its
+    ``member_tag``."""
     state = ClientState(os.urandom(NONCE_BYTES), X25519PrivateKey.generate())
     opening = {
         "kid": key_id(keyring.primary),
         "nonce": state.nonce.hex(),
         "dh": _public(state.private).hex(),
+        "tag": member_tag(keyring.primary, name),
     }
     return opening, state
 

@@ -196,7 +196,8 @@ class LocalRun:
 
     async def _make_proxy(self) -> None:
         """No namespaces: each peer advertises a proxy front; the proxy forwards to it."""
-        proxy = ProxyNet(self.names, [c.addr for c in self.children])
+        keyring = Keyring.from_file(self.args.secret_file) if self.args.secret_file else None
+        proxy = ProxyNet(self.names, [c.addr for c in self.children], keyring=keyring)
         fronts = await proxy.start()
         self.net = proxy
         for c, front in zip(self.children, fronts, strict=True):

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from p2p.framing import show
+from p2p.framing import show, text
 
 SchemaEntry = tuple[str, tuple[int, ...], str]
 
@@ -51,7 +51,7 @@ def layout_diff(ours: list, theirs: Any) -> str:
         if list(mine) != [other[0], list(other[1]), other[2]]:
             return (
                 f"tensor {i}: ours is {mine[0]} {list(mine[1])} {mine[2]}, "
-                f"yours is {show(other[0])} {show(list(other[1]))} {show(other[2])}"
+                f"yours is {text(other[0])} {show(list(other[1]))} {text(other[2])}"
             )
     if len(ours) != len(theirs):
         return f"we average {len(ours)} tensors, you {len(theirs)}"

@@ -87,6 +87,10 @@ class AgentConfig:
     profile: str = "local"
     # Upper bound on lingering after training (0: leave at once).
     linger_seconds: float = 0.0
+    # A fresh peer waits (up to join_timeout) until this many peers, itself included, are
+    # members before it trains, so a short run does not end before its swarm has formed.
+    # 0 or 1: start at once. A resumed peer never waits: its swarm may be gone.
+    wait_peers: int = 0
     # The swarm's keyring file (p2p.secure); None: connections are not authenticated.
     secret_file: str | None = None
     seed: int = 0
@@ -161,6 +165,7 @@ class Agent:
         self._spawn(self.membership.run(), "membership")
         await asyncio.sleep(0)  # let the driver start before join() needs it
         await self._join(list(self.config.join) if seeds is None else seeds)
+        await self._assemble()
         await self._catch_up()
         self._clock = PeriodClock(
             self.config.schedule.period_steps, random.Random(self.rng.random())
@@ -276,6 +281,21 @@ class Agent:
             if not self.resumed:
                 raise AgentError(str(exc)) from None
             log.warning("%s; resuming alone", exc)
+
+    async def _assemble(self) -> None:
+        """Wait for ``wait_peers`` members (self included), at most ``join_timeout``."""
+        want = self.config.wait_peers
+        if want <= 1 or self.resumed:
+            return
+        t0 = time.monotonic()
+        deadline = t0 + self.config.join_timeout
+        while self.alive_count() + 1 < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        have = self.alive_count() + 1
+        seconds = round(time.monotonic() - t0, 3)
+        self.emit("assembled", members=have, wanted=want, seconds=seconds)
+        if have < want:
+            log.warning("%d of %d peers after %.0f s; training with those", have, want, seconds)
 
     async def _catch_up(self) -> None:
         """Take a live neighbour's current weights before contributing our own.

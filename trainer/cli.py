@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
     p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
     p.add_argument("--join-timeout", type=float, help="seconds to keep trying --join (default 10)")
+    p.add_argument(
+        "--wait-peers",
+        type=int,
+        metavar="N",
+        help="before training, wait up to --join-timeout until N peers (this one included) "
+        "have joined (default: start at once)",
+    )
     p.add_argument("--name", help="unique peer name (default: the advertised address)")
     p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
     p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")

@@ -94,6 +94,9 @@ class PeerConfig:
     # partners, and every finished peer ends near the consensus), at most this long; a peer
     # leaves as soon as every live peer it sees has finished. 0: leave at once.
     linger_seconds: float = 0.0
+    # Before training, wait (up to join_timeout) until this many peers, this one included,
+    # are members; the launchers set it to the run's size. 0 or 1: start at once.
+    wait_peers: int = 0
     # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
     # anyone who can reach the port could otherwise slow this peer down.
     allow_control: bool = False
@@ -118,6 +121,7 @@ class PeerConfig:
             cluster=self.cluster,
             profile=self.profile,
             linger_seconds=self.linger_seconds,
+            wait_peers=self.wait_peers,
             secret_file=self.secret_file,
             seed=self.train.seed * 1000 + self.index,
             gossip=self.gossip,

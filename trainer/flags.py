@@ -217,6 +217,7 @@ def peer_config(args: argparse.Namespace) -> Any:
         "cluster",
         "profile",
         "join_timeout",
+        "wait_peers",
     ):
         if getattr(args, key, None) is not None:
             top[key] = getattr(args, key)
@@ -286,6 +287,8 @@ def validate(cfg: Any) -> None:
         raise UserError("--gossip-budget must be between 0 and 64 (cores)")
     if cfg.linger_seconds < 0:
         raise UserError("--linger must not be negative")
+    if cfg.wait_peers < 0 or cfg.join_timeout < 0:
+        raise UserError("--wait-peers and --join-timeout must not be negative")
 
 
 def is_loopback(host: str) -> bool:

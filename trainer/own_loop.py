@@ -143,7 +143,7 @@ def _env(key: str) -> str | None:
 # GossipOptimizer's keyword arguments that set PeerConfig fields of the same name.
 TOP_KEYS = (
     "listen", "advertise", "name", "index", "num_peers", "run_dir", "cluster", "profile",
-    "join_timeout", "allow_control", "secret_file", "insecure",
+    "join_timeout", "wait_peers", "allow_control", "secret_file", "insecure",
 )  # fmt: skip
 CHECKPOINT_KEYS = {
     "checkpoint_dir": "directory",
@@ -195,7 +195,7 @@ class GossipOptimizer:
     Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
     ``checkpoint_every``, ``checkpoint_seconds``, ``checkpoint_keep``, ``period``,
-    ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``allow_control``,
+    ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``wait_peers``, ``allow_control``,
     ``secret_file`` (the swarm's keyring), ``insecure``. Under
     ``gossip-train run`` they start from the settings the launcher wrote for this copy.
     """
@@ -216,8 +216,8 @@ class GossipOptimizer:
         known = {
             "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
             "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "checkpoint_keep",
-            "period", "linger", "cluster", "profile", "join_timeout", "allow_control",
-            "secret_file", "insecure",
+            "period", "linger", "cluster", "profile", "join_timeout", "wait_peers",
+            "allow_control", "secret_file", "insecure",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)
         if unknown:

@@ -103,6 +103,9 @@ def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[
         run_dir=str(child.run_dir),
         # Its seeds were started a moment ago and may still be importing on a loaded box.
         join_timeout=max(base.join_timeout, LAUNCH_JOIN_TIMEOUT),
+        # The whole run trains together: a short run on a slow box must not end on peer-0
+        # before the last copy has imported torch.
+        wait_peers=n if base.wait_peers == 0 else base.wait_peers,
         linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
         allow_control=bool(getattr(args, "allow_control", False)),
         checkpoint=checkpoint,

@@ -28,7 +28,8 @@ from common import announce
 from gossip.exchange import Exchanger
 from gossip.store import ArrayStore
 from p2p.framing import Frame, MsgType
-from p2p.node import Node
+from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring
 from p2p.transport import Connection, TcpTransport
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,12 @@ def time_answers(exchanger: Exchanger, clock: PhaseClock) -> None:
     handlers[MsgType.EXCH_OFFER] = timed
 
 
-async def serve(size: int, seed: int, clock: PhaseClock | None) -> int:
+async def serve(
+    size: int, seed: int, clock: PhaseClock | None, secret_file: str | None = None
+) -> int:
     weights = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
-    node = Node(TcpTransport(), "responder")
+    keyring = Keyring.from_file(secret_file) if secret_file else None
+    node = Node(TcpTransport(), "responder", NodeConfig(keyring=keyring))
     exchanger = Exchanger(node, ArrayStore(weights, schema=f"bench-{size}"))
     if clock is not None:
         time_answers(exchanger, clock)
@@ -85,13 +89,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the initial weights")
     parser.add_argument("--profile", default="", help="write cProfile stats to this path")
     parser.add_argument("--phases", action="store_true", help="print phase timings on exit")
+    parser.add_argument("--secret-file", help="a keyring: every connection sealed (p2p.secure)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
     clock = PhaseClock() if args.phases else None
-    exchanges = uvloop.run(serve(args.size, args.seed, clock))
+    exchanges = uvloop.run(serve(args.size, args.seed, clock, args.secret_file))
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)

@@ -747,3 +747,12 @@ def measure_main(
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     result["machine"]["commit_at_end"] = code_version()  # others may change the tree meanwhile
     emit(result, [f"### {name}\n\n{table(measured, cfg)}"], args.json)
+
+
+def run_keyring(run_dir: Path) -> Any:
+    """The keyring a `gossip-train local` run made for its peers (RUN_DIR/secret): what a
+    benchmark needs to ask them for their status. None if the run has none."""
+    from p2p.secure import Keyring
+
+    path = Path(run_dir) / "secret"
+    return Keyring.from_file(path) if path.is_file() else None

@@ -8,6 +8,8 @@ For each size, in one run and on 127.0.0.1:
 - exchange: ``Exchanger.exchange(addr)`` against ``benchmarks/_responder.py`` in another
   process, both under uvloop, connect + handshake + offer + payloads + check + mix included;
   goodput = 2 * bytes / time;
+- exchange_sealed: the same with a keyring on both ends (``p2p.secure``: authenticated
+  handshake, every frame AES-256-GCM sealed): the cost of security, same run;
 - gloo: ``torch.distributed.all_reduce`` of the same tensor with 2 processes; each rank sends
   and receives one tensor's worth, so goodput = 2 * bytes / time as well.
 
@@ -50,7 +52,8 @@ from common import (
 
 from gossip.exchange import Exchanger
 from gossip.store import ArrayStore
-from p2p.node import Node
+from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring, write_secret
 from p2p.transport import TcpTransport
 
 log = logging.getLogger(__name__)
@@ -116,9 +119,9 @@ class RawClient:
 
 
 # -- the exchange path ---------------------------------------------------------------------
-async def _start_initiator(size: int) -> Exchanger:
+async def _start_initiator(size: int, keyring: Keyring | None = None) -> Exchanger:
     weights = np.random.default_rng(0).standard_normal(size, dtype=np.float32)
-    node = Node(TcpTransport(), "initiator")
+    node = Node(TcpTransport(), "initiator", NodeConfig(keyring=keyring))
     await node.start("127.0.0.1", 0)
     return Exchanger(node, ArrayStore(weights, schema=f"bench-{size}"))
 
@@ -176,11 +179,15 @@ def gloo_allreduce(size: int, reps: int, warmup: int) -> list[float]:
 # -- one size --------------------------------------------------------------------------------
 def _interleaved(size: int, cfg: BenchConfig) -> dict[str, list[float]]:
     nbytes = 4 * size
-    times: dict[str, list[float]] = {"raw_one_way": [], "raw_duplex": [], "exchange": []}
+    times: dict[str, list[float]] = {
+        "raw_one_way": [], "raw_duplex": [], "exchange": [], "exchange_sealed": []
+    }  # fmt: skip
+    secret = write_secret(Path(tempfile.mkdtemp(prefix="gt-bench-")) / "secret")
     with (
         Helper("_raw_peer.py", ["--size", str(size)]) as one_way,
         Helper("_raw_peer.py", ["--size", str(size), "--duplex"]) as duplex,
         Helper("_responder.py", ["--size", str(size)]) as responder,
+        Helper("_responder.py", ["--size", str(size), "--secret-file", str(secret)]) as sealed,
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
     ):
         clients = {
@@ -188,10 +195,14 @@ def _interleaved(size: int, cfg: BenchConfig) -> dict[str, list[float]]:
             "raw_duplex": RawClient(duplex.addr, nbytes, duplex=True),
         }
         exchanger = runner.run(_start_initiator(size))
+        sealed_exchanger = runner.run(_start_initiator(size, Keyring.from_file(secret)))
         try:
             for i in range(cfg.warmup + cfg.reps):
                 sample = {name: c.round() for name, c in clients.items()}
                 sample["exchange"] = runner.run(timed_exchange(exchanger, responder.addr))
+                sample["exchange_sealed"] = runner.run(
+                    timed_exchange(sealed_exchanger, sealed.addr)
+                )
                 if i >= cfg.warmup:
                     for name, seconds in sample.items():
                         times[name].append(seconds)
@@ -199,6 +210,8 @@ def _interleaved(size: int, cfg: BenchConfig) -> dict[str, list[float]]:
             for c in clients.values():
                 c.close()
             runner.run(exchanger.node.close())
+            runner.run(sealed_exchanger.node.close())
+            secret.unlink()
     return times
 
 
@@ -241,7 +254,7 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in results:
         m, ratios = r["methods"], r["ratios"]
-        for name in ("raw_one_way", "raw_duplex", "exchange", "gloo_allreduce"):
+        for name in ("raw_one_way", "raw_duplex", "exchange", "exchange_sealed", "gloo_allreduce"):
             if name not in m:
                 continue
             ratio = 1.0 if name == "raw_one_way" else ratios[f"{name}_vs_ceiling_median"]

@@ -51,7 +51,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, emit, machine_info, markdown_table, read_peers, read_proc, start_local
+from common import (
+    REPO,
+    emit,
+    machine_info,
+    markdown_table,
+    read_peers,
+    read_proc,
+    run_keyring,
+    start_local,
+)
 
 from p2p.transport import TransportError
 from trainer.status import fetch_status
@@ -109,9 +118,13 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = START_TIMEO
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+# The keyring of the `local` run being measured (its peers admit nobody without it).
+KEYRING: Any = None
+
+
 async def _status(addr: str) -> dict[str, Any] | None:
     try:
-        return await fetch_status(addr, timeout=2.0)
+        return await fetch_status(addr, timeout=2.0, keyring=KEYRING)
     except (TransportError, OSError, TimeoutError):
         return None  # not listening yet, or busy starting
 
@@ -322,6 +335,11 @@ def measure_local(peers: int, kills: int, every: int, seed: int, base: Path) -> 
     ]
     # Its output goes to local.out; no /proc sampling (this script reads what it needs).
     local = start_local(run_dir, args, interval=None)
+    global KEYRING
+    deadline = time.monotonic() + 60
+    while not (run_dir / "secret").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    KEYRING = run_keyring(run_dir)
     kills_done = []
     try:
 

@@ -74,6 +74,7 @@ from common import (
     read_peers,
     read_progress,
     read_report,
+    run_keyring,
     start_local,
 )
 
@@ -210,13 +211,15 @@ def last_progress(events: Path) -> int | None:
     return None
 
 
-async def _statuses(addrs: dict[str, str], timeout: float) -> dict[str, dict[str, Any] | None]:
+async def _statuses(
+    addrs: dict[str, str], timeout: float, keyring: Any = None
+) -> dict[str, dict[str, Any] | None]:
     from p2p.transport import TransportError
     from trainer.status import fetch_status
 
     async def one(addr: str) -> dict[str, Any] | None:
         try:
-            return await fetch_status(addr, timeout=timeout)
+            return await fetch_status(addr, timeout=timeout, keyring=keyring)
         except (TransportError, OSError, TimeoutError, ValueError):
             return None
 
@@ -224,9 +227,11 @@ async def _statuses(addrs: dict[str, str], timeout: float) -> dict[str, dict[str
     return dict(zip(addrs, got, strict=True))
 
 
-def statuses(addrs: dict[str, str], timeout: float = 2.0) -> dict[str, dict[str, Any] | None]:
+def statuses(
+    addrs: dict[str, str], timeout: float = 2.0, keyring: Any = None
+) -> dict[str, dict[str, Any] | None]:
     """Each peer's STATUS answer (step, members, ...), None where it did not answer."""
-    return asyncio.run(_statuses(addrs, timeout)) if addrs else {}
+    return asyncio.run(_statuses(addrs, timeout, keyring)) if addrs else {}
 
 
 # -- the live watch -----------------------------------------------------------------------------
@@ -281,7 +286,7 @@ class Watch:
                 self.sources.add("events.jsonl")
             elif name in live and states[name] != "T":
                 need[name] = p.get("control") or p["addr"]
-        answers = statuses(need)
+        answers = statuses(need, keyring=run_keyring(self.run_dir))
         for name, st in answers.items():
             steps[name] = int(st["step"]) if st and st.get("step") is not None else None
             if st is not None:

@@ -39,6 +39,7 @@ import numpy as np
 from p2p.framing import Frame, MsgType
 from p2p.membership import JoinError, Membership
 from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring
 from p2p.swim import Swim, SwimConfig
 from p2p.transport import Connection, Transport, TransportError, parse_addr
 
@@ -86,6 +87,12 @@ class AgentConfig:
     profile: str = "local"
     # Upper bound on lingering after training (0: leave at once).
     linger_seconds: float = 0.0
+    # A fresh peer waits (up to join_timeout) until this many peers, itself included, are
+    # members before it trains, so a short run does not end before its swarm has formed.
+    # 0 or 1: start at once. A resumed peer never waits: its swarm may be gone.
+    wait_peers: int = 0
+    # The swarm's keyring file (p2p.secure); None: connections are not authenticated.
+    secret_file: str | None = None
     seed: int = 0
     gossip: GossipConfig = field(default_factory=GossipConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -112,7 +119,9 @@ class Agent:
         self.resumed = resumed  # a restarted peer: its weights are stale, its swarm may be gone
         self._load = load or self._load_array
         self.rng = random.Random(config.seed)
-        self.node = Node(transport, config.name or "?", NodeConfig(cluster=config.cluster))
+        keyring = Keyring.from_file(config.secret_file) if config.secret_file else None
+        node_config = NodeConfig(cluster=config.cluster, keyring=keyring)
+        self.node = Node(transport, config.name or "?", node_config)
         self.exchanger = Exchanger(self.node, store, config.gossip)
         self.exchanger.step_fn = step
         self.exchanger.on_event = self.emit  # refusals and quarantines of robust mixing
@@ -157,7 +166,11 @@ class Agent:
         self._spawn(self.membership.run(), "membership")
         await asyncio.sleep(0)  # let the driver start before join() needs it
         await self._join(list(self.config.join) if seeds is None else seeds)
+        await self._assemble()
         await self._catch_up()
+        self._clock = PeriodClock(
+            self.config.schedule.period_steps, random.Random(self.rng.random())
+        )
         self._spawn(self._gossip_loop(), "gossip")
         self.status = "training"
 
@@ -258,11 +271,32 @@ class Agent:
         try:
             await self.membership.join(seeds, self.config.join_timeout)
         except JoinError as exc:
+            refused = [
+                (a, self.node.auth_failures[a]) for a in seeds if a in self.node.auth_failures
+            ]
+            if refused:  # nobody answered because nobody let us in: say so, whatever we are
+                addr, why = refused[0]
+                raise AgentError(f"{addr}: {why}") from None
             # A resumed peer may outlive its swarm (the others finished while it was down):
             # it finishes its own work alone. A fresh peer that nobody answers is an error.
             if not self.resumed:
                 raise AgentError(str(exc)) from None
             log.warning("%s; resuming alone", exc)
+
+    async def _assemble(self) -> None:
+        """Wait for ``wait_peers`` members (self included), at most ``join_timeout``."""
+        want = self.config.wait_peers
+        if want <= 1 or self.resumed:
+            return
+        t0 = time.monotonic()
+        deadline = t0 + self.config.join_timeout
+        while self.alive_count() + 1 < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        have = self.alive_count() + 1
+        seconds = round(time.monotonic() - t0, 3)
+        self.emit("assembled", members=have, wanted=want, seconds=seconds)
+        if have < want:
+            log.warning("%d of %d peers after %.0f s; training with those", have, want, seconds)
 
     async def _catch_up(self) -> None:
         """Take a live neighbour's current weights before contributing our own.
@@ -329,10 +363,8 @@ class Agent:
     # -- gossip while training -----------------------------------------------------------------
     def stepped(self) -> None:
         """One training step done (call from any thread): offer an exchange once a period."""
-        if self._clock is None:
-            self._clock = PeriodClock(
-                self.config.schedule.period_steps, random.Random(self.rng.random())
-            )
+        if self._clock is None:  # not started
+            return
         # exchanges: an int the loop thread writes; reading it here needs no lock
         if self._clock.step(self.exchanger.exchanges) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._kick.set)

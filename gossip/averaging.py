@@ -22,6 +22,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from p2p.framing import show, text
+
 SchemaEntry = tuple[str, tuple[int, ...], str]
 
 
@@ -37,16 +39,19 @@ MAX_LAYOUT = 4096
 
 
 def layout_diff(ours: list, theirs: Any) -> str:
-    """The first difference between two layouts ([name, shape, dtype] lists), in words."""
+    """The first difference between two layouts ([name, shape, dtype] lists), in words.
+    ``theirs`` comes from the wire: anything malformed is said so, never raised."""
     if not isinstance(theirs, list):
         return "their model's layout is not known"
     for i, (mine, other) in enumerate(zip(ours, theirs, strict=False)):
         if not (isinstance(other, (list, tuple)) and len(other) == 3):
             return f"tensor {i} of theirs is malformed"
+        if not isinstance(other[1], (list, tuple)):
+            return f"tensor {i} of theirs has no shape"
         if list(mine) != [other[0], list(other[1]), other[2]]:
             return (
                 f"tensor {i}: ours is {mine[0]} {list(mine[1])} {mine[2]}, "
-                f"yours is {other[0]} {list(other[1])} {other[2]}"
+                f"yours is {text(other[0])} {show(list(other[1]))} {text(other[2])}"
             )
     if len(ours) != len(theirs):
         return f"we average {len(ours)} tensors, you {len(theirs)}"

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from p2p.framing import Frame, MsgType
+from p2p.framing import Frame, MsgType, show, text
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # Snapshots and adds of models up to this size may run on the event loop (a 64 MB copy is
 # ~10 ms); larger ones always go to a worker thread, so the loop keeps answering pings.
 INLINE_MAX = 64 << 20
+# Peers (addresses we dialled, names that called us) remembered as running another model.
+MAX_INCOMPATIBLE = 1024
 
 
 class WeightStore(Protocol):
@@ -287,7 +289,7 @@ class Exchanger:
             finally:
                 conn.watch_payload(None)
             if frame.type == MsgType.ERROR:
-                return Outcome(False, addr, str(frame.header.get("reason", "?")))
+                return Outcome(False, addr, text(frame.header.get("reason", "?")))
             if send_failed is not None:
                 raise send_failed
             await self._apply(addr, stream, frame)
@@ -315,7 +317,7 @@ class Exchanger:
         }
 
     def _declined(self, addr: str, reply: Frame) -> Outcome:
-        reason = str(reply.header.get("reason", "?"))
+        reason = text(reply.header.get("reason", "?"))
         if reply.header.get("incompatible"):
             if addr not in self.incompatible:
                 log.error("peer %s runs a different model: %s", addr, reason)
@@ -515,7 +517,7 @@ class Exchanger:
                 await self._apply(peer, stream, payload)
         except UpdateRejected as exc:
             self.rejected += 1
-            log.warning("refused weights from %s: %s", h.get("name"), exc)
+            log.warning("refused weights from %s: %s", show(h.get("name")), exc)
         except (TimeoutError, TransportError, OSError):
             conn.close()  # the initiator died or stalled; our weights are untouched
         finally:
@@ -527,14 +529,17 @@ class Exchanger:
 
     async def _refuse_schema(self, conn: Connection, h: dict[str, Any]) -> None:
         reason = (
-            f"model schema {h.get('schema')!r} ({h.get('nbytes')} bytes) does not match ours "
-            f"{self.store.schema!r} ({self.store.nbytes} bytes): "
+            f"model schema {show(h.get('schema'))} ({show(h.get('nbytes'))} bytes) does not "
+            f"match ours {self.store.schema!r} ({self.store.nbytes} bytes): "
             "run every peer with the same task and model"
         )
         await conn.send(MsgType.EXCH_DECLINE, {"incompatible": True, "reason": reason})
-        if str(h.get("name")) not in self.incompatible:
-            log.error("refused peer %s (%s): different model schema", h.get("name"), conn.peer)
-            self.incompatible[str(h.get("name"))] = "schema"
+        name = h.get("name")
+        name = name[:100] if isinstance(name, str) else show(name)
+        # Each name once, and a bounded number of names: the name is whatever the caller says.
+        if name not in self.incompatible and len(self.incompatible) < MAX_INCOMPATIBLE:
+            log.error("refused peer %s (%s): different model schema", name, conn.peer)
+            self.incompatible[name] = "schema"
 
     # -- catch-up ----------------------------------------------------------------------------
     async def _on_pull(self, conn: Connection, frame: Frame) -> None:
@@ -545,7 +550,7 @@ class Exchanger:
             if ours is not None and "layout" in frame.header:
                 detail = f" ({layout_diff(ours, frame.header['layout'])})"
             reason = (
-                f"model schema {frame.header.get('schema')!r} does not match ours "
+                f"model schema {show(frame.header.get('schema'))} does not match ours "
                 f"{self.store.schema!r}{detail}: run every peer with the same task and model"
             )
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
@@ -571,9 +576,10 @@ class Exchanger:
             finally:
                 conn.close()
         if reply.type == MsgType.ERROR and reply.header.get("incompatible"):
-            raise IncompatiblePeer(f"{addr} refused us: {reply.header.get('reason', '?')}")
+            raise IncompatiblePeer(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
         if reply.type != MsgType.PULL_REPLY or reply.payload.nbytes != self.store.nbytes:
-            raise TransportError(f"{addr}: bad pull reply: {reply.header.get('reason', '?')}")
+            reason = text(reply.header.get("reason", "?"))
+            raise TransportError(f"{addr}: bad pull reply: {reason}")
         remote = np.frombuffer(reply.payload, dtype=np.float32).copy()
         reply.release()
         if not np.isfinite(remote).all():

@@ -16,6 +16,7 @@ connection is dropped.
 from __future__ import annotations
 
 import enum
+import reprlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class MsgType(enum.IntEnum):
     PULL_REPLY = 12
     CONTROL = 13
     CONTROL_OK = 14
+    SEALED = 15  # an AES-GCM record of a sealed connection (p2p.secure)
+    AUTH = 16  # the challenge-response of a connection's opening (p2p.secure)
 
 
 class FrameError(Exception):
@@ -74,14 +77,19 @@ class BufferPool:
     A model's weights arrive in frames of the same size every exchange; allocating (and
     zeroing, and page-faulting) a fresh 40 MB buffer each time cost more than the transfer.
     The decoder takes a buffer here; whoever consumes the frame gives it back with
-    ``Frame.release()``. A frame never released is simply garbage-collected.
+    ``Frame.release()``. A frame never released is simply garbage-collected. Buffers of at
+    most ``sizes`` sizes are kept, those given back last: the sizes of frames come from the
+    peer, and one kept per size it invents would be memory it could pin without end.
     """
 
-    def __init__(self, min_size: int = 1 << 20, keep: int = 4, keep_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, min_size: int = 1 << 20, keep: int = 4, keep_bytes: int = 64 << 20, sizes: int = 4
+    ) -> None:
         self.min_size = min_size  # smaller payloads are plain allocations
         self.keep = keep  # free buffers kept per size ...
         self.keep_bytes = keep_bytes  # ... but at most this many bytes of them (at least one)
-        self._free: dict[int, list[bytearray]] = {}
+        self.sizes = sizes  # ... for this many sizes, the most recently given back
+        self._free: dict[int, list[bytearray]] = {}  # in the order sizes were last given
 
     def take(self, nbytes: int) -> memoryview:
         free = self._free.get(nbytes)
@@ -90,9 +98,12 @@ class BufferPool:
     def give(self, view: memoryview) -> None:
         base = view.obj
         if isinstance(base, bytearray) and len(base) == view.nbytes:
-            free = self._free.setdefault(view.nbytes, [])
+            free = self._free.pop(view.nbytes, [])
             if len(free) < max(1, min(self.keep, self.keep_bytes // view.nbytes)):
                 free.append(base)
+            self._free[view.nbytes] = free
+            while len(self._free) > self.sizes:
+                del self._free[next(iter(self._free))]
 
 
 @dataclass
@@ -286,3 +297,21 @@ class Decoder:
         pool = self.pool if self._pooled else None
         self.frames.append(Frame(self._type, self._header, self._payload, pool))
         self._payload, self._header, self._got, self._direct = None, {}, 0, False
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 3, 60, 60
+
+
+def show(value: Any, limit: int = 100) -> str:
+    """A peer's header value for an error reason or a log line: its ``repr``, bounded in
+    length and depth. A plain ``repr`` of a value nested ~1000 deep (msgpack decodes up to
+    1024 levels) raises RecursionError, and one of a 1 MiB string would make a reply that
+    the peer's decoder refuses."""
+    return _SHOW.repr(value)[:limit]
+
+
+def text(value: Any, limit: int = 300) -> str:
+    """A peer's value where a message wants text (a refusal's reason): a string as it is,
+    clipped to ``limit`` characters; anything else through ``show``."""
+    return value[:limit] if isinstance(value, str) else show(value, limit)

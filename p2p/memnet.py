@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from .framing import Decoder, Frame, Limits, encode
+from .framing import Decoder, Frame, FrameError, Limits, encode
 from .transport import Connection, ConnectionClosed, Handler, Stats, Transport, TransportError
 
 
@@ -113,7 +113,15 @@ class MemoryConnection(Connection):
             data = self._pending.pop(0)
             self.bytes_received += len(data)
             self.stats.received += len(data)
-            for frame in self._decoder.feed(data):
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError:
+                # As over TCP: the stream cannot be resumed, the receiver drops it. The
+                # sender learns it from a closed connection, not from our decoder's error.
+                self._pending.clear()
+                self.close()
+                return
+            for frame in frames:
                 self._inbox.put_nowait(frame)
 
     async def recv(self) -> Frame:
@@ -168,13 +176,18 @@ class MemoryTransport(Transport):
         mine = MemoryConnection(self.net, self.stats, local, addr)
         theirs = MemoryConnection(self.net, target.stats, addr, local)
         mine.other, theirs.other = theirs, mine
-        self.conns.add(mine)
+        self._track(mine)
         target.accept(theirs)
         return mine
 
+    def _track(self, conn: MemoryConnection) -> None:
+        # Closed connections are dropped as new ones come: each holds a decoder's buffers.
+        self.conns = {c for c in self.conns if not c.closed}
+        self.conns.add(conn)
+
     def accept(self, conn: MemoryConnection) -> None:
         assert self.handler is not None
-        self.conns.add(conn)
+        self._track(conn)
         task = asyncio.get_running_loop().create_task(self._serve(conn))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -51,6 +51,7 @@ import enum
 import logging
 import math
 import random
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -311,16 +312,25 @@ class _Broadcast:
 
 # -- field checks (raise _Reject) ---------------------------------------------------------
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A wire value for a log line, bounded in length and in depth: a plain ``repr`` of a
+    value nested ~1000 deep (msgpack decodes up to 1024 levels) raises RecursionError."""
+    return _REPR.repr(value)[:limit]
+
 
 def _name(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
-        raise _Reject(f"bad field {key!r}", repr(value)[:80])
+        raise _Reject(f"bad field {key!r}", _show(value))
     return value
 
 
 def _int(value: Any, key: str, top: int = MAX_INT) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-        raise _Reject(f"bad field {key!r}", repr(value)[:80])
+        raise _Reject(f"bad field {key!r}", _show(value))
     return value
 
 
@@ -328,13 +338,13 @@ def _meta(value: Any) -> str:
     if value is None:
         return ""
     if not isinstance(value, str) or len(value) > MAX_META:
-        raise _Reject("bad field 'meta'", repr(value)[:80])
+        raise _Reject("bad field 'meta'", _show(value))
     return value
 
 
 def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
-        raise _Reject(f"bad field {key!r}", repr(value)[:80])
+        raise _Reject(f"bad field {key!r}", _show(value))
     return value
 
 
@@ -360,7 +370,7 @@ def _parse_update(raw: Any) -> ParsedUpdate:
         return kind, name, "", inc, _name(raw.get("by"), "by"), ""
     if kind == "left":
         return kind, name, "", inc, name, ""
-    raise _Reject("unknown update kind", repr(kind)[:40])
+    raise _Reject("unknown update kind", _show(kind, 40))
 
 
 Entry = tuple[str, str, int, State, str]  # name, addr, incarnation, state, meta
@@ -368,7 +378,7 @@ Entry = tuple[str, str, int, State, str]  # name, addr, incarnation, state, meta
 
 def _parse_entry(raw: Any) -> Entry:
     if not isinstance(raw, list) or len(raw) not in (4, 5):
-        raise _Reject("bad member entry", repr(raw)[:80])
+        raise _Reject("bad member entry", _show(raw))
     name, addr, inc, state = raw[:4]
     st = _int(state, "state", top=int(State.LEFT))
     meta = _meta(raw[4] if len(raw) == 5 else None)
@@ -563,7 +573,7 @@ class Swim:
             kind, sender, addr, inc, meta = self._envelope(msg)
             handler = self._handlers.get(kind)
             if handler is None:
-                raise _Reject("unknown message type", repr(kind)[:40])
+                raise _Reject("unknown message type", _show(kind, 40))
             assert isinstance(msg, dict)
             if inc is not None:
                 # Every message is the sender's own word that it is alive at ``inc``: a ping
@@ -618,7 +628,7 @@ class Swim:
             raise _Reject("message is not a map", type(msg).__name__)
         kind = msg.get("type")
         if not isinstance(kind, str):
-            raise _Reject("bad field 'type'", repr(kind)[:40])
+            raise _Reject("bad field 'type'", _show(kind, 40))
         sender = _name(msg.get("from"), "from")
         addr = _name(msg.get("addr"), "addr")
         if sender == self.name:

@@ -25,6 +25,17 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
+    """A user's mistake: exit status 2, no traceback, one error line holding ``needles``."""
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if "gossip-train: error:" in ln]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer.cli", *args]
 

@@ -25,6 +25,7 @@ from .flags import (
     add_checkpoint_args,
     add_launcher_args,
     add_net_args,
+    add_secret_arg,
     add_task_arg,
     add_train_args,
     peer_config,
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
     p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
     p.add_argument("--join-timeout", type=float, help="seconds to keep trying --join (default 10)")
+    p.add_argument(
+        "--wait-peers",
+        type=int,
+        metavar="N",
+        help="before training, wait up to --join-timeout until N peers (this one included) "
+        "have joined (default: start at once)",
+    )
     p.add_argument("--name", help="unique peer name (default: the advertised address)")
     p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
     p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")
@@ -90,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="after training, keep averaging while some live peer still trains, at most this "
         f"many seconds (default {PeerConfig().linger_seconds:g}: leave at once)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without a secret: anyone who can reach the "
+        "port can join and change the weights",
     )
     p.add_argument(
         "--allow-control",
@@ -115,7 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")
     p.add_argument("--cluster", default="gossip-train", help="swarm name")
+    add_secret_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "secret",
+        help="print a new random secret (a line of a keyring file)",
+        description="Print a new random secret: `gossip-train secret > swarm.key`, copy the "
+        "file to every peer, give it as --secret-file. To rotate, add a new secret as a "
+        "second line everywhere, then make it the first line, then remove the old one.",
+    )
 
     p = sub.add_parser(
         "summary",
@@ -156,9 +179,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
+    from p2p.secure import Keyring
+
     from .status import fetch_status, format_members
 
-    status = run_async(fetch_status(args.peer, args.cluster))
+    keyring = Keyring.from_file(args.secret_file) if args.secret_file else None
+    status = run_async(fetch_status(args.peer, args.cluster, keyring=keyring))
     if args.json:
         import json
 
@@ -184,6 +210,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"script {script}: no such file")
     args.script = [str(script.resolve()), *args.script_args]
     return run_local(args)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from p2p.secure import new_secret
+
+    print(new_secret())
+    return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -221,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "members": cmd_members,
         "eval": cmd_eval,
         "summary": cmd_summary,
+        "secret": cmd_secret,
         "chaos": chaos.run_chaos,
     }
     try:

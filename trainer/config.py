@@ -94,9 +94,17 @@ class PeerConfig:
     # partners, and every finished peer ends near the consensus), at most this long; a peer
     # leaves as soon as every live peer it sees has finished. 0: leave at once.
     linger_seconds: float = 0.0
+    # Before training, wait (up to join_timeout) until this many peers, this one included,
+    # are members; the launchers set it to the run's size. 0 or 1: start at once.
+    wait_peers: int = 0
     # Accept fault-injection commands (slow down) from `gossip-train chaos`. Off by default:
     # anyone who can reach the port could otherwise slow this peer down.
     allow_control: bool = False
+    # The swarm's keyring (p2p.secure: one secret per line, the first used to call): every
+    # connection is authenticated and sealed with it. None: no authentication, allowed on a
+    # loopback address only unless ``insecure``.
+    secret_file: str | None = None
+    insecure: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -113,6 +121,8 @@ class PeerConfig:
             cluster=self.cluster,
             profile=self.profile,
             linger_seconds=self.linger_seconds,
+            wait_peers=self.wait_peers,
+            secret_file=self.secret_file,
             seed=self.train.seed * 1000 + self.index,
             gossip=self.gossip,
             schedule=self.schedule,

@@ -83,8 +83,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_secret_arg(g: Any) -> None:
+    g.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="the swarm's keyring: one secret per line (>= 16 bytes; the first is used to call, "
+        "all are accepted); every connection is authenticated and encrypted with it. "
+        "`gossip-train secret > FILE` makes one",
+    )
+
+
 def add_net_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
+    add_secret_arg(g)
     g.add_argument("--cluster", help="swarm name; peers of other clusters are refused")
     g.add_argument(
         "--profile",
@@ -212,11 +223,16 @@ def peer_config(args: argparse.Namespace) -> Any:
         "cluster",
         "profile",
         "join_timeout",
+        "wait_peers",
     ):
         if getattr(args, key, None) is not None:
             top[key] = getattr(args, key)
     if getattr(args, "allow_control", False):
         top["allow_control"] = True
+    if getattr(args, "secret_file", None):
+        top["secret_file"] = args.secret_file
+    if getattr(args, "insecure", False):
+        top["insecure"] = True
     if getattr(args, "linger", None) is not None:
         top["linger_seconds"] = args.linger
     if getattr(args, "join", None):
@@ -248,6 +264,15 @@ def validate(cfg: Any) -> None:
     for addr in (cfg.listen, cfg.advertise, *cfg.join):
         if addr is not None:
             parse_addr(addr)
+    if cfg.secret_file is not None:
+        from p2p.secure import Keyring
+
+        Keyring.from_file(cfg.secret_file)  # unreadable, empty, too short: one line, now
+    elif not cfg.insecure and not is_loopback(parse_addr(cfg.listen)[0]):
+        raise UserError(
+            f"--listen {cfg.listen} is reachable from other hosts: give --secret-file FILE "
+            "(`gossip-train secret > FILE` makes one; copy it to every peer) or --insecure"
+        )
     parse_scheme(cfg.train.partition)
     if not 0 <= cfg.index < cfg.num_peers:
         raise UserError(f"--index {cfg.index} must be in [0, --num-peers {cfg.num_peers})")
@@ -268,3 +293,17 @@ def validate(cfg: Any) -> None:
         raise UserError("--gossip-budget must be between 0 and 64 (cores)")
     if cfg.linger_seconds < 0:
         raise UserError("--linger must not be negative")
+    if cfg.wait_peers < 0 or cfg.join_timeout < 0:
+        raise UserError("--wait-peers and --join-timeout must not be negative")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -144,7 +144,7 @@ def _env(key: str) -> str | None:
 # GossipOptimizer's keyword arguments that set PeerConfig fields of the same name.
 TOP_KEYS = (
     "listen", "advertise", "name", "index", "num_peers", "run_dir", "cluster", "profile",
-    "join_timeout", "allow_control",
+    "join_timeout", "wait_peers", "allow_control", "secret_file", "insecure",
 )  # fmt: skip
 CHECKPOINT_KEYS = {
     "checkpoint_dir": "directory",
@@ -196,7 +196,8 @@ class GossipOptimizer:
     Keyword arguments match the ``gossip-train peer`` flags: ``listen``, ``advertise``,
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
     ``checkpoint_every``, ``checkpoint_seconds``, ``checkpoint_keep``, ``period``,
-    ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``allow_control``. Under
+    ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``wait_peers``, ``allow_control``,
+    ``secret_file`` (the swarm's keyring), ``insecure``. Under
     ``gossip-train run`` they start from the settings the launcher wrote for this copy.
     """
 
@@ -216,7 +217,8 @@ class GossipOptimizer:
         known = {
             "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
             "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "checkpoint_keep",
-            "period", "linger", "cluster", "profile", "join_timeout", "allow_control",
+            "period", "linger", "cluster", "profile", "join_timeout", "wait_peers",
+            "allow_control", "secret_file", "insecure",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -226,7 +228,10 @@ class GossipOptimizer:
         threads = _env("THREADS")
         if threads:
             torch.set_num_threads(int(threads))
+        from .flags import validate
+
         self.config = own_loop_config(settings)
+        validate(self.config)
         self.optimizer = optimizer
         self.loop = OwnLoop(
             model,

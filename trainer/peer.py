@@ -22,7 +22,7 @@ from typing import Any
 
 from gossip.agent import Agent, AgentError
 from gossip.events import Channel, EventFile, Events
-from p2p.framing import Frame, MsgType
+from p2p.framing import Frame, MsgType, show
 from p2p.transport import Connection, Transport
 
 from .checkpoint import save_atomic
@@ -134,6 +134,9 @@ class Peer:
         except AgentError as exc:
             await self.agent.abort()
             raise PeerError(str(exc)) from None
+        except BaseException:
+            await self.agent.abort()
+            raise
         async with self.agent:
             self._install_signals()
             await self._train_watching_agent()
@@ -322,6 +325,7 @@ class Peer:
             "rejected_updates": a.exchanger.rejected,
             "screening": a.exchanger.screen.stats() if self.cfg.gossip.robust.enabled else None,
             "poisoned": t.poison.mode if t.poison is not None else None,
+            "refused_callers": a.node.refused_callers,
             "bytes_sent": self.transport.stats.sent,
             "bytes_received": self.transport.stats.received,
             "wall_seconds": round(time.monotonic() - self.t0, 3),
@@ -382,7 +386,7 @@ class Peer:
             self.events.emit("poison", mode=poison.mode, factor=poison.factor)
             await conn.send(MsgType.CONTROL_OK, {"op": op, "mode": poison.mode})
             return
-        await conn.send(MsgType.ERROR, {"reason": f"bad control command {h!r}"})
+        await conn.send(MsgType.ERROR, {"reason": f"bad control command {show(h, 200)}"})
 
     async def _cure(self) -> None:
         """End a poison: the weights are garbage, so take a neighbour's, then mix again."""

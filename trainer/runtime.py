@@ -39,6 +39,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def is_user_error(exc: BaseException) -> bool:
+    from p2p.secure import AuthError, KeyringError
     from p2p.transport import TransportError
 
     from .checkpoint import CheckpointError
@@ -55,6 +56,8 @@ def is_user_error(exc: BaseException) -> bool:
         (
             ZygoteError,
             SummaryError,
+            AuthError,
+            KeyringError,
             UserError,
             TaskError,
             ModelError,

@@ -7,6 +7,7 @@ from typing import Any
 
 from p2p.framing import Frame, MsgType
 from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring
 from p2p.transport import TcpTransport, TransportError, parse_addr
 
 
@@ -17,10 +18,12 @@ async def request(
     cluster: str = "gossip-train",
     timeout: float = 3.0,
     what: str = "request",
+    keyring: Keyring | None = None,
 ) -> Frame:
     """One request to a running peer over a fresh handshaken connection; its reply frame."""
     parse_addr(addr)
-    node = Node(TcpTransport(), f"gossip-train-{what}", NodeConfig(cluster=cluster))
+    config = NodeConfig(cluster=cluster, keyring=keyring)
+    node = Node(TcpTransport(), f"gossip-train-{what}", config)
     try:
         conn = await node.open(addr, timeout)
         try:
@@ -35,8 +38,13 @@ async def request(
         await node.close()
 
 
-async def fetch_status(addr: str, cluster: str = "gossip-train", timeout: float = 3.0) -> dict:
-    reply = await request(addr, MsgType.STATUS_REQ, {}, cluster, timeout, "status")
+async def fetch_status(
+    addr: str,
+    cluster: str = "gossip-train",
+    timeout: float = 3.0,
+    keyring: Keyring | None = None,
+) -> dict:
+    reply = await request(addr, MsgType.STATUS_REQ, {}, cluster, timeout, "status", keyring)
     if reply.type != MsgType.STATUS:
         raise TransportError(f"{addr}: unexpected reply type {reply.type}")
     return reply.header

@@ -11,6 +11,7 @@ from conftest import ROOT, cli
 import trainer.chaos.proxy as proxy
 from p2p.framing import MsgType
 from p2p.node import Node, NodeConfig
+from p2p.secure import Keyring, new_secret
 from p2p.transport import TcpTransport, TransportError
 from trainer.chaos.driver import Driver
 from trainer.chaos.netns import parse_rate
@@ -20,8 +21,8 @@ from trainer.chaos.scenario import Action
 # -- the proxy ---------------------------------------------------------------------------------
 
 
-async def status_server(name):
-    node = Node(TcpTransport(), name, NodeConfig(handshake_timeout=0.5))
+async def status_server(name, keyring=None):
+    node = Node(TcpTransport(), name, NodeConfig(handshake_timeout=0.5, keyring=keyring))
 
     async def answer(conn, frame):
         await conn.send(MsgType.STATUS, {"name": name, "n": frame.header.get("n")})
@@ -38,12 +39,16 @@ async def ask(conn, n, timeout=2.0):
     return reply.header["n"]
 
 
-async def test_the_proxy_cuts_partitions_and_heals():
-    servers = [await status_server(f"peer-{i}") for i in range(3)]
-    proxy = ProxyNet([s.name for s in servers], [s.addr for s in servers])
+@pytest.mark.parametrize("secret", [False, True], ids=["open", "sealed"])
+async def test_the_proxy_cuts_partitions_and_heals(secret):
+    # Sealed, the opening names nobody in the clear: the proxy knows callers by member tag.
+    keyring = Keyring((new_secret().encode(),)) if secret else None
+    servers = [await status_server(f"peer-{i}", keyring) for i in range(3)]
+    proxy = ProxyNet([s.name for s in servers], [s.addr for s in servers], keyring=keyring)
     fronts = await proxy.start()
-    caller = Node(TcpTransport(), "peer-0", NodeConfig(handshake_timeout=0.5))
-    tool = Node(TcpTransport(), "gossip-train-cli", NodeConfig(handshake_timeout=0.5))
+    config = NodeConfig(handshake_timeout=0.5, keyring=keyring)
+    caller = Node(TcpTransport(), "peer-0", config)
+    tool = Node(TcpTransport(), "gossip-train-cli", config)
     try:
         to1 = await caller.open(fronts[1])
         to2 = await caller.open(fronts[2])

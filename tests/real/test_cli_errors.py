@@ -5,21 +5,12 @@ import shutil
 import socket
 import subprocess
 
-from conftest import ROOT, cli
+from conftest import ROOT, assert_one_line_error, cli
 
 
 def run(*args, timeout=60):
     proc = subprocess.run(cli(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if "gossip-train: error:" in ln]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_wrong_data_dir(tmp_path):

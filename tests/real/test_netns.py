@@ -14,6 +14,7 @@ import time
 import pytest
 from conftest import ROOT, cli
 
+from p2p.secure import write_secret
 from trainer.chaos.netns import (
     NamespaceNet,
     NetnsConfig,
@@ -305,11 +306,13 @@ def test_peers_configured_by_toml_files_train_across_hosts(tmp_path):
     comes up first keeps trying to join until the other answers."""
     net = NamespaceNet(2).create()
     procs = []
+    secret = write_secret(tmp_path / "swarm.key")  # listening on 0.0.0.0 needs one
     try:
         for i in range(2):
             cfg = tmp_path / f"host{i}.toml"
             cfg.write_text(
                 f'name = "host{i}"\nlisten = "0.0.0.0:7000"\nadvertise = "{net.ip(i)}:7000"\n'
+                f'secret_file = "{secret}"\n'
                 f'join = ["{net.ip(1 - i)}:7000"]\njoin_timeout = 120.0\n'
                 f"index = {i}\nnum_peers = 2\nlinger_seconds = 3.0\n"
                 f'run_dir = "{tmp_path / f"host{i}"}"\n'

@@ -168,3 +168,29 @@ def test_a_script_that_raises_exits_and_is_restarted_from_its_checkpoint(tmp_pat
     # taken just before may still have been in the writer thread when the process died).
     assert resumed and resumed[-1]["step"] in (10, 20, 30), resumed
     assert "a bug in the user's loop" in (run_dir / "peer-0" / "log.txt").read_text()
+
+
+def test_gossip_optimizer_joins_only_with_the_swarms_secret(tmp_path: Path) -> None:
+    from p2p.secure import write_secret
+
+    good, bad = write_secret(tmp_path / "good.key"), write_secret(tmp_path / "bad.key")
+    models = [nn.Linear(2, 2), nn.Linear(2, 2)]
+    first = GossipOptimizer(
+        models[0], torch.optim.SGD(models[0].parameters(), lr=0.1), run_dir=str(tmp_path / "a"),
+        secret_file=str(good), linger=0,
+    )  # fmt: skip
+    try:
+        with pytest.raises(GossipError, match="authentication failed"):
+            GossipOptimizer(
+                models[1], torch.optim.SGD(models[1].parameters(), lr=0.1),
+                run_dir=str(tmp_path / "b"), secret_file=str(bad), join=[first.peer.node.addr],
+                join_timeout=3.0,
+            )  # fmt: skip
+        second = GossipOptimizer(
+            models[1], torch.optim.SGD(models[1].parameters(), lr=0.1), run_dir=str(tmp_path / "c"),
+            secret_file=str(good), join=[first.peer.node.addr], linger=0, index=1, num_peers=2,
+        )  # fmt: skip
+        second.close()
+    finally:
+        first.close()
+    assert first.peer.node.refused_callers >= 1

@@ -7,7 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_cli_errors import assert_one_line_error, run
+from conftest import assert_one_line_error
+from test_cli_errors import run
 
 GOOD = """
     import torch

@@ -31,7 +31,7 @@ async def test_forked_peers_run_report_and_exit(tmp_path):
     await z.start("default", None)
     try:
         ok, ok_events = await z.spawn(config(tmp_path, "ok", epochs=0.05), str(tmp_path / "ok.log"))
-        bad, _ = await z.spawn(
+        bad, bad_events = await z.spawn(
             config(tmp_path, "bad", partition="nonsense"), str(tmp_path / "bad.log")
         )
         slow, slow_events = await z.spawn(
@@ -52,6 +52,8 @@ async def test_forked_peers_run_report_and_exit(tmp_path):
         assert "partition 'nonsense'" in (tmp_path / "bad.log").read_text()
         assert first["kind"] == "listening"
         assert len({ok.pid, bad.pid, slow.pid}) == 3
+        for pipe in (ok_events, bad_events, slow_events):
+            pipe.close()
     finally:
         await z.close()
 

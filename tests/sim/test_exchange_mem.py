@@ -3,6 +3,7 @@
 import asyncio
 import random
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -137,6 +138,77 @@ async def test_garbage_from_a_neighbour_does_not_crash_the_peer(net):
     await conn2.send(200, {"whatever": 1})  # unknown type: ignored
     out = await xa.exchange(b.addr)
     assert out.ok, out.reason
+
+
+async def test_values_too_deep_to_print_are_refused_with_a_short_reason(net):
+    # Found by benchmarks/fuzz.py: the reasons and the layout diff printed the peer's values
+    # with repr(), which raises RecursionError for ~1000 levels of nesting (and a layout
+    # entry whose shape is not a list raised TypeError), so the handler died instead.
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    sb.layout = [["w", [64], "torch.float32"]]  # as FlatWeights has
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
+    conn = await a.open(b.addr)
+    await conn.send(MsgType.EXCH_OFFER, {"schema": deep, "nbytes": deep, "name": deep})
+    reply = await conn.recv()
+    assert reply.type == MsgType.EXCH_DECLINE and reply.header["incompatible"]
+    assert "does not match ours" in reply.header["reason"]
+    assert len(reply.header["reason"]) < 500
+    await conn.send(MsgType.PULL_REQ, {"schema": deep, "layout": [["w", 64, "torch.float32"]]})
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR and "has no shape" in reply.header["reason"]
+    await conn.send(MsgType.PULL_REQ, {"schema": "x", "layout": [[deep, [deep], deep]]})
+    reply = await conn.recv()
+    assert reply.type == MsgType.ERROR and "tensor 0: ours is w [64]" in reply.header["reason"]
+    assert len(reply.header["reason"]) < 600
+    conn.close()
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+
+
+async def test_offers_from_ever_new_names_are_remembered_up_to_a_bound(net):
+    # Found by benchmarks/fuzz.py: every refused offer recorded the caller's name, whatever
+    # it was, so a stranger inventing names grew Exchanger.incompatible without bound.
+    from gossip.exchange import MAX_INCOMPATIBLE
+
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    conn = await a.open(b.addr)
+    for i in range(MAX_INCOMPATIBLE + 50):
+        await conn.send(MsgType.EXCH_OFFER, {"schema": "other", "nbytes": 4, "name": f"n{i}"})
+        assert (await conn.recv()).type == MsgType.EXCH_DECLINE
+    conn.close()
+    assert len(xb.incompatible) == MAX_INCOMPATIBLE
+    assert "n0" in xb.incompatible
+
+
+async def test_a_responder_s_reason_too_deep_to_print_is_an_outcome_not_a_crash(net):
+    # Found by benchmarks/fuzz.py: the initiator made text of the responder's reason with
+    # str(), which raises RecursionError for ~1000 levels of nesting, so exchange() (which
+    # promises never to raise) and pull() died, and with them the agent's gossip loop.
+    from gossip.exchange import IncompatiblePeer
+
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
+
+    async def decline(conn, frame):
+        await conn.send(MsgType.EXCH_DECLINE, {"reason": deep, "incompatible": True})
+
+    async def accept_then_error(conn, frame):
+        await conn.send(MsgType.EXCH_ACCEPT, {})
+        await conn.send(MsgType.ERROR, {"reason": deep})
+
+    async def refuse_pull(conn, frame):
+        await conn.send(MsgType.ERROR, {"reason": deep, "incompatible": True})
+
+    b.handlers[MsgType.EXCH_OFFER] = decline
+    out = await xa.exchange(b.addr)
+    assert not out.ok and out.reason.startswith("[[[") and len(out.reason) < 300
+    assert xa.incompatible[b.addr] == out.reason
+    b.handlers[MsgType.EXCH_OFFER] = accept_then_error
+    out = await xa.exchange(b.addr)
+    assert not out.ok and out.reason.startswith("[[[") and len(out.reason) < 300
+    b.handlers[MsgType.PULL_REQ] = refuse_pull
+    with pytest.raises(IncompatiblePeer, match=r"refused us: \[\[\["):
+        await xa.pull(b.addr)
 
 
 async def test_dead_and_paused_peers_fail_within_the_deadline(net):

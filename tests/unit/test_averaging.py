@@ -1,3 +1,4 @@
+import msgpack
 import numpy as np
 import pytest
 
@@ -5,6 +6,7 @@ from gossip.averaging import (
     DeltaStream,
     UpdateRejected,
     check_update,
+    layout_diff,
     mix,
     schema_hash,
     weighted_average,
@@ -134,3 +136,18 @@ def test_delta_stream_knows_our_own_weights_are_bad_and_sizes():
     assert stream.done == 0
     with pytest.raises(UpdateRejected, match="does not match"):
         stream.finish(np.ones(999, np.float32))
+
+
+def test_layout_diff_names_what_is_malformed_and_never_raises():
+    ours = [["fc.weight", [4, 3], "torch.float32"], ["fc.bias", [4], "torch.float32"]]
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")  # too deep for repr()
+    assert layout_diff(ours, ours) == "the layouts agree but the hashes differ"
+    assert layout_diff(ours, 5) == "their model's layout is not known"
+    assert (
+        layout_diff(ours, [["fc.weight", 12, "torch.float32"]]) == "tensor 0 of theirs has no shape"
+    )
+    assert layout_diff(ours, [["fc.weight", None, "f"]]) == "tensor 0 of theirs has no shape"
+    assert layout_diff(ours, [[1, 2]]) == "tensor 0 of theirs is malformed"
+    said = layout_diff(ours, [[deep, [deep], "x" * 100_000]])
+    assert said.startswith("tensor 0: ours is fc.weight [4, 3] torch.float32, yours is [[[")
+    assert len(said) < 400

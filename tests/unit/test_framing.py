@@ -136,6 +136,22 @@ def test_buffer_pool_keeps_at_most_its_byte_budget_of_free_buffers():
     assert pool.take(1000).obj is huge.obj  # and reused
 
 
+def test_buffer_pool_keeps_the_sizes_given_back_last_only():
+    # Found by benchmarks/fuzz.py: the exchange gives back every payload it was sent, whatever
+    # its size, and the pool kept one buffer per size for ever, so a peer sending payloads
+    # of new sizes pinned memory without bound.
+    from p2p.framing import BufferPool
+
+    pool = BufferPool(min_size=1, keep=2, sizes=2)
+    model = pool.take(4000)
+    pool.give(model)
+    for n in range(1, 300):
+        pool.give(pool.take(4000))  # the model's size, every exchange
+        pool.give(pool.take(4000 + n))  # and one of a new size each time
+    assert set(pool._free) == {4000, 4299}
+    assert pool.take(4000).obj is model.obj  # the buffer in use all along is still reused
+
+
 def test_needed_reads_exactly_one_frame_from_a_stream() -> None:
     """A reader that must not read past a frame (the chaos proxy) asks for ``needed``."""
     first = encode_bytes(MsgType.HELLO, {"name": "peer-0", "v": [1]})

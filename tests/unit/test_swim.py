@@ -572,6 +572,9 @@ def test_every_output_is_msgpack_safe() -> None:
 # -- bad input -------------------------------------------------------------------------
 
 GOOD = env("x", "gossip", updates=[])
+# What msgpack decodes from 1000 nested one-element arrays: too deep for repr() (found by
+# benchmarks/fuzz.py: the rejection's log detail raised RecursionError out of on_message).
+DEEP = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
 BAD: list[tuple[Any, str]] = [
     (None, "message is not a map"),
     ({**GOOD, "inc": -1}, "bad field 'inc'"),
@@ -614,6 +617,16 @@ BAD: list[tuple[Any, str]] = [
     (env("x", "push_pull", members=[["b", "b:1", 0]]), "bad member entry"),
     (env("x", "push_pull", members=[["b", "b:1", 0, 9]]), "bad field 'state'"),
     (env("x", "push_pull", members=[], reply="no"), "bad field 'reply'"),
+    ({**GOOD, "type": DEEP}, "bad field 'type'"),
+    ({**GOOD, "from": DEEP}, "bad field 'from'"),
+    ({**GOOD, "inc": DEEP}, "bad field 'inc'"),
+    ({**GOOD, "meta": DEEP}, "bad field 'meta'"),
+    ({**GOOD, "type": [DEEP]}, "bad field 'type'"),
+    (env("x", "ping", seq=DEEP, target="a"), "bad field 'seq'"),
+    (env("x", "ping_req", seq=1, target="b", target_addr="b:1", nack=DEEP), "bad field 'nack'"),
+    ({**GOOD, "updates": [{"kind": DEEP, "name": "z", "inc": 1}]}, "unknown update kind"),
+    (env("x", "push_pull", members=[DEEP]), "bad member entry"),
+    (env("x", "push_pull", members=[["b", "b:1", 0, 0, DEEP]]), "bad field 'meta'"),
 ]
 
 
@@ -644,6 +657,15 @@ def test_each_kind_of_problem_is_logged_once(caplog: pytest.LogCaptureFixture) -
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
     assert a.rejected == {"unknown message type": 5, "message is not a map": 1}
+
+
+def test_the_log_line_of_a_deep_or_huge_value_is_short(caplog: pytest.LogCaptureFixture) -> None:
+    a = node("a")
+    with caplog.at_level(logging.WARNING, logger="p2p.swim"):
+        assert a.on_message({**GOOD, "from": DEEP}, 0.0) == []
+        assert a.on_message({**GOOD, "addr": "y" * 1_000_000}, 0.0) == []
+    assert len(caplog.records) == 2
+    assert all(len(r.getMessage()) < 200 for r in caplog.records)
 
 
 def test_a_flood_of_updates_is_bounded() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2p.framing import MsgType
+from p2p.secure import Keyring
 from p2p.transport import TransportError, parse_addr
 
 from .netns import FaultNet, NamespaceNet, NetError
@@ -48,12 +49,16 @@ class Target(Protocol):
 
 
 async def send_control(
-    addr: str, header: dict[str, Any], cluster: str = "gossip-train", timeout: float = 3.0
+    addr: str,
+    header: dict[str, Any],
+    cluster: str = "gossip-train",
+    timeout: float = 3.0,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
     """One CONTROL command to a peer started with --allow-control; its CONTROL_OK header."""
     from ..status import request
 
-    reply = await request(addr, MsgType.CONTROL, header, cluster, timeout, "control")
+    reply = await request(addr, MsgType.CONTROL, header, cluster, timeout, "control", keyring)
     if reply.type != MsgType.CONTROL_OK:
         reason = reply.header.get("reason", f"reply type {reply.type}")
         raise TransportError(f"{addr} refused the control command: {reason}")
@@ -67,6 +72,7 @@ class Driver:
     actions: list[Action]
     target: Target
     cluster: str = "gossip-train"
+    keyring: Keyring | None = None
     done: list[dict[str, Any]] = field(default_factory=list)
 
     async def run(self, t0: float | None = None) -> None:
@@ -106,7 +112,7 @@ class Driver:
                 header["factor"] = a.factor
         else:
             header = {"op": "slowdown", "factor": a.factor if a.kind == "slow-peer" else 1.0}
-        reply = await send_control(t.control_addr(name), header, self.cluster)
+        reply = await send_control(t.control_addr(name), header, self.cluster, keyring=self.keyring)
         return {"reply": reply}
 
     def _network(self, a: Action) -> dict[str, Any]:
@@ -239,6 +245,15 @@ def target_from_args(run_dir: str | None, peer_flags: Sequence[str]) -> ProcessT
     return ProcessTarget(peers, net, events_file, rd, supervised)
 
 
+def chaos_keyring(args: Any) -> Keyring | None:
+    """--secret-file, else the secret a `local` run made for itself (RUN_DIR/secret)."""
+    path = getattr(args, "secret_file", None)
+    if path is None and getattr(args, "run_dir", None):
+        run_secret = Path(args.run_dir) / "secret"
+        path = str(run_secret) if run_secret.is_file() else None
+    return Keyring.from_file(path) if path else None
+
+
 def run_chaos(args: Any) -> int:
     """``gossip-train chaos``: apply a scenario to peers that are already running."""
     from ..runtime import run_async
@@ -270,7 +285,7 @@ def run_chaos(args: Any) -> int:
             "actions": [a.to_json() for a in actions],
         }
     )
-    run_async(Driver(actions, target, args.cluster).run())
+    run_async(Driver(actions, target, args.cluster, chaos_keyring(args)).run())
     return 0
 
 
@@ -355,6 +370,11 @@ def add_chaos_parser(sub: Any) -> None:
         help="a peer to act on: its process id (kill, pause) and address (slow-peer)",
     )
     p.add_argument("--cluster", default="gossip-train", help="swarm name (for control commands)")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="the swarm's keyring (default: RUN_DIR/secret, the one a `local` run made)",
+    )
     p.add_argument(
         "--cleanup-stale",
         action="store_true",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2p.framing import Decoder, Frame, FrameError, Limits, MsgType
+from p2p.secure import Keyring, member_tag
 from p2p.transport import parse_addr
 
 from .netns import FaultNet, parse_rate
@@ -59,9 +60,19 @@ class ProxyNet(FaultNet):
     mode = "proxy"
 
     def __init__(
-        self, names: list[str], upstreams: list[str], config: ProxyConfig | None = None
+        self,
+        names: list[str],
+        upstreams: list[str],
+        config: ProxyConfig | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.names = names
+        # With a secret the opening names nobody in the clear; its member tag does, for us.
+        self.tags = {
+            member_tag(key, name): i
+            for key in (keyring.keys if keyring else ())
+            for i, name in enumerate(names)
+        }
         self.upstreams = upstreams
         self.config = config or ProxyConfig()
         self.fronts: list[str] = []
@@ -157,8 +168,11 @@ class ProxyNet(FaultNet):
         frame = frames[0]
         caller = None
         if frame.type == MsgType.HELLO:
-            name = frame.header.get("name")
-            caller = self.names.index(name) if name in self.names else None
+            name, tag = frame.header.get("name"), frame.header.get("tag")
+            if isinstance(tag, str) and tag in self.tags:
+                caller = self.tags[tag]
+            elif isinstance(name, str) and name in self.names:
+                caller = self.names.index(name)
         return bytes(raw), caller
 
     async def _hold(self, link: _Link) -> None:

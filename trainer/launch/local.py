@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.events import EventFile
+from p2p.secure import Keyring, write_secret
 
 from ..chaos.driver import Driver, check_target
 from ..chaos.netns import FaultNet, NamespaceNet, NetError, NetnsConfig, netns_available
@@ -37,7 +38,7 @@ from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_fro
 from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
 from ..flags import peer_config
 from . import summary as run_summary
-from .zygote import Zygote, ZygoteChild, ZygoteError, become_subreaper
+from .zygote import EventPipe, Zygote, ZygoteChild, ZygoteError, become_subreaper
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Child:
     wrap: list[str] = field(default_factory=list)  # argv prefix (ip netns exec NS)
     chaos_killed: bool = False  # the last exit was a fault we injected
     restart_now: bool = False  # restart at once after the injected SIGKILL
-    events: asyncio.StreamReader | None = None  # where its JSON events arrive
+    events: EventPipe | None = None  # where its JSON events arrive (a copy, best effort)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -102,6 +103,9 @@ def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[
         run_dir=str(child.run_dir),
         # Its seeds were started a moment ago and may still be importing on a loaded box.
         join_timeout=max(base.join_timeout, LAUNCH_JOIN_TIMEOUT),
+        # The whole run trains together: a short run on a slow box must not end on peer-0
+        # before the last copy has imported torch.
+        wait_peers=n if base.wait_peers == 0 else base.wait_peers,
         linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
         allow_control=bool(getattr(args, "allow_control", False)),
         checkpoint=checkpoint,
@@ -149,6 +153,11 @@ class LocalRun:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(args.run_dir or f"runs/{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(args, "secret_file", None):
+            Keyring.from_file(args.secret_file)  # a bad file fails here, once
+        else:
+            # A secret of this run's own: its peers admit each other and nobody else.
+            args.secret_file = str(write_secret(self.run_dir / "secret"))
         ports = list(range(args.base_port, args.base_port + n)) if args.base_port else free_ports(n)
         self.children = [
             Child(i, names[i], f"127.0.0.1:{ports[i]}", self.run_dir / f"peer-{i}")
@@ -190,7 +199,8 @@ class LocalRun:
 
     async def _make_proxy(self) -> None:
         """No namespaces: each peer advertises a proxy front; the proxy forwards to it."""
-        proxy = ProxyNet(self.names, [c.addr for c in self.children])
+        keyring = Keyring.from_file(self.args.secret_file) if self.args.secret_file else None
+        proxy = ProxyNet(self.names, [c.addr for c in self.children], keyring=keyring)
         fronts = await proxy.start()
         self.net = proxy
         for c, front in zip(self.children, fronts, strict=True):
@@ -310,7 +320,7 @@ class LocalRun:
         argv = [*child.wrap, sys.executable, "-m", "trainer.cli", "peer", "--config", str(config)]
         argv += ["--events-fd", str(write_fd)]
         child.proc = await self._exec(argv, log_path, write_fd, {})
-        child.events = await _pipe_reader(read_fd)
+        child.events = await EventPipe.open(read_fd)
 
     async def _start_script(self, child: Child, config: Path, threads: int) -> None:
         """`gossip-train run`: the user's script, told where its settings are by its
@@ -320,7 +330,7 @@ class LocalRun:
         env = script_env(child, len(self.children), config, write_fd, threads)
         argv = [*child.wrap, sys.executable, *self.script]
         child.proc = await self._exec(argv, child.run_dir / "log.txt", write_fd, env)
-        child.events = await _pipe_reader(read_fd)
+        child.events = await EventPipe.open(read_fd)
 
     async def _exec(
         self, argv: list[str], log_path: Path, events_fd: int, env: dict[str, str]
@@ -352,6 +362,9 @@ class LocalRun:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await reader
+            reader.cancel()
+            if child.events is not None:
+                child.events.close()
             if rc == 0 and child.result:
                 child.status = str(child.result.get("status", "finished"))
                 return
@@ -599,14 +612,6 @@ def finish(run: LocalRun, wall: float) -> dict[str, Any]:
     if run.summarized:
         return json.loads((run.run_dir / "summary.json").read_text())
     return run_summary.write(run.run_dir, wall)
-
-
-async def _pipe_reader(read_fd: int) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
-    return reader
 
 
 def load_chaos(args: argparse.Namespace) -> Scenario:

@@ -21,6 +21,7 @@ from typing import Any
 from gossip.events import read_events
 
 from ..config import ConfigError, TrainConfig, load_config
+from .zygote import pid_alive
 
 RUN_FILE = "run.json"
 LAUNCHER_EVENTS = "launcher.jsonl"
@@ -46,21 +47,6 @@ def _exit_text(rc: int) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit status {rc}"
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; only its parent has not collected it yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def peer_record(
@@ -96,7 +82,7 @@ def peer_record(
         status, err = "failed", error["error"]
     else:
         pid = spawns[-1].get("pid") if spawns else None
-        status = "running" if _alive(pid) else "lost"
+        status = "running" if pid_alive(pid) else "lost"
         err = None if status == "running" else "ended without a word (killed?)"
     r = finished or {}
     record = {

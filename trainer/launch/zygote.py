@@ -264,7 +264,7 @@ class ZygoteChild:
         except ChildProcessError:
             # The zygote's child: its "exited" message brings the status. With the zygote
             # gone and the process too, nobody ever will: it was lost with the zygote.
-            if not self.zygote.alive and not _exists(self.pid):
+            if not self.zygote.alive and not pid_alive(self.pid):
                 self._exited(-signal.SIGKILL)
             return
         if pid == 0:  # exiting, not yet a zombie: look again shortly
@@ -276,14 +276,44 @@ class ZygoteChild:
         return await asyncio.shield(self._done)
 
 
-def _exists(pid: int) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs (a zombie has ended: only its parent has not collected
+    it yet)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class EventPipe:
+    """The launcher's end of a child's event channel: a line reader over a pipe. ``close()``
+    frees the pipe at once (a dead child's pipe must not wait for the garbage collector)."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        self.reader = reader
+        self.transport = transport
+
+    @classmethod
+    async def open(cls, read_fd: int) -> EventPipe:
+        reader = asyncio.StreamReader(limit=1 << 20)
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        return cls(reader, transport)
+
+    async def readline(self) -> bytes:
+        return await self.reader.readline()
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class ZygoteError(RuntimeError):
@@ -397,15 +427,18 @@ class Zygote:
         and the data set loaded already; its exit status."""
         job = {"job": "summary", "run_dir": run_dir, "wall": wall, "log": log_path}
         child, events = await self._fork(job)
-        while await events.readline():
-            pass
-        return await child.wait()
+        try:
+            while await events.readline():
+                pass
+            return await child.wait()
+        finally:
+            events.close()
 
-    async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, asyncio.StreamReader]:
+    async def spawn(self, config: str, log_path: str) -> tuple[ZygoteChild, EventPipe]:
         """Fork a peer running ``config``; return it and the reader of its event channel."""
         return await self._fork({"config": config, "log": log_path})
 
-    async def _fork(self, request: dict[str, Any]) -> tuple[ZygoteChild, asyncio.StreamReader]:
+    async def _fork(self, request: dict[str, Any]) -> tuple[ZygoteChild, EventPipe]:
         if self._sock is None or not self.alive:
             raise ZygoteError("the peer zygote is not running")
         loop = asyncio.get_running_loop()
@@ -434,15 +467,12 @@ class Zygote:
         if pid is None:
             os.close(read_fd)
             raise ZygoteError("peer launcher refused a spawn request")
-        reader = asyncio.StreamReader(limit=1 << 20)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
+        pipe = await EventPipe.open(read_fd)
         child = ZygoteChild(pid, self)
         self._children[pid] = child
         if pid in self._early_exits:
             child._exited(self._early_exits.pop(pid))
-        return child, reader
+        return child, pipe
 
     async def close(self) -> None:
         if self._sock is not None:

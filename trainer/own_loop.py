@@ -21,6 +21,7 @@ Settings come from keyword arguments, then from the variables ``gossip-train run
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -35,6 +36,10 @@ import torch
 
 from .config import ENV_PREFIX, LaunchConfig, PeerConfig, load_config
 from .loop import BOUND_CHECK_EVERY, StepInfo, TrainerBase
+
+# Seconds an exiting interpreter waits for a peer its script never closed (a failing peer:
+# its last checkpoint write, a graceful leave, its tasks' end).
+EXIT_TIMEOUT = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +252,7 @@ class GossipOptimizer:
         self._closed = False
         self._thread = threading.Thread(target=self._agent, name="gossip-agent", daemon=True)
         self._thread.start()
+        atexit.register(self._at_exit)
         deadline = time.monotonic() + start_timeout
         while not self.loop.started.wait(0.05):
             if not self._thread.is_alive():
@@ -279,6 +285,15 @@ class GossipOptimizer:
         except BaseException as exc:  # noqa: BLE001 - handed to the user's thread
             self._error = exc
             self.loop.started.set()  # nobody waits forever on a peer that never started
+
+    def _at_exit(self) -> None:
+        """The interpreter exits without close() (an uncaught exception, ``sys.exit``): the
+        peer sees its loop's thread end and fails; wait for it (its last checkpoint write, its
+        leave) before Python finalizes. A daemon thread still inside torch then would be
+        unwound by pthread_exit and abort the process (SIGABRT) instead of letting it exit
+        with the script's own status."""
+        if not self._closed:
+            self._thread.join(EXIT_TIMEOUT)
 
     def _raise_agent_error(self) -> None:
         exc = self._error
@@ -319,6 +334,7 @@ class GossipOptimizer:
         """End the loop: linger, save the final model, leave; return this peer's result."""
         if not self._closed:
             self._closed = True
+            atexit.unregister(self._at_exit)
             self.loop.stop.set()
             limit = timeout or self.config.linger_seconds + 60.0
             self._thread.join(limit)

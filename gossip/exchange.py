@@ -462,7 +462,7 @@ class Exchanger:
         return self.screen.quarantined(addr, time.monotonic())
 
     def _learn_name(self, addr: str, name: Any) -> None:
-        if isinstance(name, str) and name and len(self._names) < 4096:
+        if _ident(name) and len(self._names) < 4096:
             self._names[addr] = name
 
     async def _move_anchor(self, delta: np.ndarray) -> None:
@@ -488,7 +488,7 @@ class Exchanger:
         if h.get("training") is True:
             self.last_training_offer = time.monotonic()
         # Who offers: its advertised address (what we dial it by), else its name.
-        peer = str(h.get("addr") or h.get("name") or conn.peer)
+        peer = _ident(h.get("addr")) or _ident(h.get("name")) or str(conn.peer)
         self._learn_name(peer, h.get("name"))
         if self._busy or not self.ready:
             await conn.send(MsgType.EXCH_DECLINE, {"busy": True, "reason": "busy"})
@@ -586,3 +586,13 @@ class Exchanger:
             raise UpdateRejected(f"{addr} sent non-finite weights")
         step = reply.header.get("step")
         return remote, step if isinstance(step, int) else 0
+
+
+# Longest address or name an offer may identify its sender by (a DNS name and a port).
+MAX_IDENT = 300
+
+
+def _ident(value: Any) -> str | None:
+    """A sender's address or name from a header: a non-empty short string, else None (a
+    nested or oversized value must neither reach a repr nor key per-peer state)."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_IDENT else None

@@ -165,6 +165,22 @@ async def test_values_too_deep_to_print_are_refused_with_a_short_reason(net):
     assert out.ok, out.reason
 
 
+async def test_an_offer_whose_sender_is_too_deep_to_print_is_answered(net):
+    # Found by benchmarks/fuzz.py: a matching offer named its sender by str() of its "addr"
+    # (robust mixing keys refusals and quarantines by it), which raises RecursionError for
+    # ~1000 levels of nesting: the handler died instead of answering.
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    deep = msgpack.unpackb(b"\x91" * 1000 + b"\x80")
+    conn = await a.open(b.addr)
+    offer = {"schema": sb.schema, "nbytes": sb.nbytes, "addr": deep, "name": "x" * 5000}
+    await conn.send(MsgType.EXCH_OFFER, offer)
+    reply = await conn.recv()
+    assert reply.type in (MsgType.EXCH_ACCEPT, MsgType.EXCH_DECLINE), reply
+    conn.close()
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+
+
 async def test_offers_from_ever_new_names_are_remembered_up_to_a_bound(net):
     # Found by benchmarks/fuzz.py: every refused offer recorded the caller's name, whatever
     # it was, so a stranger inventing names grew Exchanger.incompatible without bound.

@@ -394,6 +394,12 @@ class Peer:
         self.trainer.poison = None
         if was is None or self.agent is None:
             return
+        # The optimizer's state (Adam's moments, momentum) was built on the poison's
+        # trajectory: kept, it would carry the cured peer away from the weights it takes.
+        state = getattr(self.trainer.optimizer, "state", None)
+        if state is not None and hasattr(state, "clear"):
+            with self.trainer.weights.lock:
+                state.clear()
         source = await self.agent.resync()
         self.agent.exchanger.apply_received = True
         self.events.emit("poison", mode="none", was=was.mode, resynced_from=source)

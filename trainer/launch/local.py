@@ -460,7 +460,8 @@ class LocalRun:
         """Start the clock when every peer trains, then apply the planned actions."""
         await self._all_started.wait()
         self.note(None, "chaos_start", mode=self.mode, seed=self.chaos_seed)
-        self.driver = Driver(self.actions, self, self.args.cluster or "gossip-train")
+        keyring = Keyring.from_file(self.args.secret_file) if self.args.secret_file else None
+        self.driver = Driver(self.actions, self, self.args.cluster or "gossip-train", keyring)
         await self.driver.run()
 
     @property

@@ -79,6 +79,7 @@ import logging
 import math
 import os
 import random
+import re
 import reprlib
 import resource
 import signal
@@ -1407,6 +1408,7 @@ SEALED_LIMITS = Limits(LIMITS.max_header, RECORD + TAG, LIMITS.max_segments)
 # A handshake is two X25519 operations and two HKDFs: under tracemalloc on a loaded machine
 # 50 ms is tight. A stalled opening waits this long, so stalls are rare (1 in 500).
 SECURE_NODE = replace(FAST_NODE, handshake_timeout=0.25, keyring=SWARM)
+HEX64 = re.compile("[0-9a-fA-F]{64}")  # 32 bytes as the wire carries them
 RECORD_NONCE = struct.Struct("!4xQ")  # a record's GCM nonce: its number in its direction
 # What a caller does with its sealed records, and how often: most go through as sealed.
 RECORD_OPS = (
@@ -1611,7 +1613,7 @@ class SecureTarget:
             del h[name]
             return h
         bad: list[Any] = [good[:-2], good + "00", good[:-1], "zz" + good[2:], "  " + good[2:],
-                          good[:-1] + " ", "\u00e9" * len(good), good.upper(),
+                          good[:30] + "  " + good[32:], "\u00e9" * len(good), good.upper(),
                           good[:-2] + "\u0660\u0661", bytes.fromhex(good), [good], {"k": good},
                           _deep(990, good), fz.nasty()]  # fmt: skip
         if name == "kid":
@@ -1685,6 +1687,7 @@ class SecureTarget:
         if reply[0] != MsgType.AUTH:
             conn.outbox.appendleft(reply)  # what a refused caller heard: checked later
             return None
+        self._challenged(blob[: plan.opening])
         state = ClientState(plan.nonce, X25519PrivateKey.from_private_bytes(plan.key))
         try:
             proof, keys = client_verify(ring, state, reply[1])
@@ -1697,6 +1700,23 @@ class SecureTarget:
             return None
         conn.push(answer)
         return keys if valid else None
+
+    @staticmethod
+    def _challenged(opening: bytes) -> None:
+        """A challenge answers only an opening whose nonce and key are what the protocol
+        says: 32 bytes each, as 64 hex digits (anything else makes the transcript, which
+        both proofs cover, mean something else than the bytes it is made of)."""
+        dec = Decoder(SEALED_LIMITS)
+        frames: list[Frame] = []
+        while not frames and opening:  # the first frame alone, as the server read it
+            n = dec.needed
+            frames = dec.feed(opening[:n])
+            opening = opening[n:]
+        hello = frames[0].header if frames else {}
+        for name in ("nonce", "dh"):
+            value = hello.get(name)
+            if not (isinstance(value, str) and HEX64.fullmatch(value)):
+                raise Violation(f"challenged an opening whose {name} is {short(value)}")
 
     @staticmethod
     def _answer(

@@ -159,9 +159,12 @@ def _hex(value: Any, nbytes: int) -> bytes:
     if not isinstance(value, str) or len(value) != 2 * nbytes:
         raise AuthError(AUTH_FAILED)
     try:
-        return bytes.fromhex(value)
+        raw = bytes.fromhex(value)
     except ValueError:
         raise AuthError(AUTH_FAILED) from None
+    if len(raw) != nbytes:  # fromhex skips whitespace: "  " and 62 digits are 31 bytes
+        raise AuthError(AUTH_FAILED)
+    return raw
 
 
 def _public(private: X25519PrivateKey) -> bytes:

@@ -50,3 +50,16 @@ def test_the_handshake_still_completes() -> None:
     nonce = bytes(12)
     assert s_recv.decrypt(nonce, c_send.encrypt(nonce, b"x", None), None) == b"x"
     assert c_recv.decrypt(nonce, s_send.encrypt(nonce, b"y", None), None) == b"y"
+
+
+@pytest.mark.parametrize("field", ["nonce", "dh"])
+def test_a_nonce_or_key_with_whitespace_is_not_a_shorter_one(field: str) -> None:
+    # bytes.fromhex skips whitespace: 64 characters, two of them spaces, were 31 bytes, and
+    # a 31-byte nonce was challenged (the transcript both proofs cover then shifts).
+    hello, _ = client_hello(RING)
+    for bad in ("  " + hello[field][2:], hello[field][:30] + "  " + hello[field][32:]):
+        with pytest.raises(AuthError, match="authentication failed"):
+            server_challenge(RING, {**hello, field: bad})
+    _, client, challenge, _ = _handshake()
+    with pytest.raises(AuthError, match="authentication failed"):
+        client_verify(RING, client, {**challenge, field: "  " + challenge[field][2:]})

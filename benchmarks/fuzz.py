@@ -20,6 +20,12 @@ Targets (each gets a share of the frames):
 - exchange    ``Exchanger._on_offer`` / ``_on_pull`` called directly (a 1 KiB store, and one
               in 40 cases a 640 KB one for DeltaStream's chunked path)
 - peer        ``Peer._on_status`` / ``_on_control`` on decoded frames
+- secure      ``Node._serve`` with a keyring (``p2p.secure``): the server's side of the
+              handshake fed valid, mutated and random HELLO and AUTH frames, then, after a
+              handshake the harness completed with the swarm's secret, sealed records valid
+              and broken (bit and tag flips, truncated, replayed, reordered, sealed ahead or
+              with another key, frames in the clear, lying prefixes, oversize) carrying
+              frames valid and broken, over ``LiveConnection`` (a caller that answers)
 
 Inputs come from a plain seeded mutator (no coverage feedback, for speed): valid frames of
 every message type, the same with fields of the wrong type (None, bools, out-of-range
@@ -39,8 +45,11 @@ What counts (the exit status is non-zero on any of them):
   what ``TcpTransport._serve`` treats as a closed connection, ``TimeoutError``,
   ``TransportError``, ``OSError``); a broken invariant (a lock left held, a busy flag left
   set, non-finite weights applied, a decoder that asks for 0 bytes or holds more than the
-  limits); a reply that a peer with the same ``Limits`` could not decode; a log record
-  that cannot be formatted; per-address, per-name or per-size state growing past a bound;
+  limits; with a keyring: a frame handled from a record that failed authentication or
+  after it, such a record leaving the connection open, a refused caller told anything but
+  "authentication failed", a sealed reply the caller cannot open); a reply that a peer
+  with the same ``Limits`` could not decode; a log record that cannot be formatted;
+  per-address, per-name or per-size state growing past a bound;
 - hang: a case still running after ``--case-timeout`` seconds (every await of a case runs
   under that deadline; a busy loop is caught by a CPU-time watchdog, SIGVTALRM);
 - memory: a case whose allocation peak (tracemalloc) exceeds what its input can justify
@@ -48,15 +57,15 @@ What counts (the exit status is non-zero on any of them):
   ``CASE_SLACK``: a frame that declares 2 GiB must not allocate it), or a target whose
   retained memory grows by more than ``LEAK_BOUND`` over its run.
 
-Adding a target (the encrypted channel of p2p/secure.py, say) is a few lines: a class with
-``gen`` (``Fuzzer.stream`` gives framed byte streams, ``Fuzzer.swim_message`` SWIM
-messages, ``Fuzzer.nasty`` hostile values) and ``run`` taking one input (plain or async;
-``FuzzConnection(data, rng)`` turns bytes into a Connection), then one entry in
-``make_targets``::
+Adding a target is a few lines: a class with ``gen`` (``Fuzzer.stream`` gives framed byte
+streams, ``Fuzzer.swim_message`` SWIM messages, ``Fuzzer.nasty`` hostile values) and ``run``
+taking one input (plain or async; ``FuzzConnection(data, rng)`` turns bytes into a
+Connection, ``LiveConnection`` is one the case keeps writing to as the server answers),
+then one entry in ``make_targets`` and ``TARGET_NAMES``::
 
     def secure() -> Target:
-        t = SecureTarget(seed)  # e.g. its handshake and open() over FuzzConnection(data)
-        return Target("secure", t.gen, t.run, (SecureError, *SERVE_ERRORS), t.check, weight=0.1)
+        s = SecureTarget(seed)
+        return Target("secure", s.gen, s.run, (AuthError, *SERVE_ERRORS), s.check, weight=0.08)
 """
 
 from __future__ import annotations
@@ -70,21 +79,26 @@ import logging
 import math
 import os
 import random
+import re
 import reprlib
 import resource
 import signal
+import struct
 import sys
 import time
 import traceback
 import tracemalloc
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -109,6 +123,19 @@ from p2p.framing import (  # noqa: E402
 from p2p.membership import Membership  # noqa: E402
 from p2p.memnet import MemoryConnection, MemoryNetwork, MemoryTransport  # noqa: E402
 from p2p.node import Node, NodeConfig  # noqa: E402
+from p2p.secure import (  # noqa: E402
+    AUTH_FAILED,
+    RECORD,
+    TAG,
+    AuthError,
+    ClientState,
+    Keyring,
+    SealedConnection,
+    _public,
+    client_verify,
+    key_id,
+    member_tag,
+)
 from p2p.swim import MAX_NAME, MAX_RELAYS, State, Swim, SwimConfig  # noqa: E402
 from p2p.transport import (  # noqa: E402
     Connection,
@@ -1368,6 +1395,492 @@ class PeerTarget:
             raise Violation(f"slowdown set to {s!r}")
 
 
+# -- the sealed layer -----------------------------------------------------------------------
+
+# The swarm's keyring mid-rotation (two secrets, both accepted) and a stranger's. The harness
+# holds them all: a caller that completes the handshake seals valid records, then breaks them.
+SWARM = Keyring((b"fuzz-secret-0123456789abcdef", b"fuzz-secret-rotated-0123456789"))
+STRANGER = Keyring((b"not-the-swarm-secret-0123456789",))
+CALLER_RINGS = (Keyring((SWARM.keys[0],)), Keyring((SWARM.keys[1],)), STRANGER)
+# The outer decoder must take one whole record (RECORD bytes and a tag: peers run with 64 MiB
+# and more); what the records carry is decoded under the harness's LIMITS.
+SEALED_LIMITS = Limits(LIMITS.max_header, RECORD + TAG, LIMITS.max_segments)
+# A handshake is two X25519 operations and two HKDFs: under tracemalloc on a loaded machine
+# 50 ms is tight. A stalled opening waits this long, so stalls are rare (1 in 500).
+SECURE_NODE = replace(FAST_NODE, handshake_timeout=0.25, keyring=SWARM)
+HEX64 = re.compile("[0-9a-fA-F]{64}")  # 32 bytes as the wire carries them
+RECORD_NONCE = struct.Struct("!4xQ")  # a record's GCM nonce: its number in its direction
+# What a caller does with its sealed records, and how often: most go through as sealed.
+RECORD_OPS = (
+    ("ok", 60), ("flip", 6), ("tag", 3), ("truncate", 3), ("replay", 3), ("reorder", 3),
+    ("ahead", 2), ("reflect", 2), ("stranger", 2), ("clear", 3), ("error", 1), ("prefix", 4),
+    ("huge", 2), ("header", 2), ("garbage", 4),
+)  # fmt: skip
+# Ops whose record no key of the connection opens (or no SEALED frame at all): from the first
+# of them on, nothing may reach a handler and the connection must close.
+OP_NAMES = tuple(name for name, _ in RECORD_OPS)
+OP_WEIGHTS = tuple(weight for _, weight in RECORD_OPS)
+BAD_OPS = frozenset(
+    {"flip", "tag", "truncate", "replay", "reorder", "ahead", "reflect", "stranger", "clear",
+     "error", "huge"}
+)  # fmt: skip
+ANSWERS = ("valid",) * 14 + ("extra", "proof", "proof", "proof", "type", "bytes", "silent")
+
+
+class LiveConnection(FuzzConnection):
+    """A FuzzConnection the harness writes to while the server reads it: a caller that
+    answers what it is told. ``push`` adds bytes, ``end`` is the caller closing; what the
+    server sends waits in ``outbox`` as (type, header, payload bytes). ``wake`` is set on
+    anything the caller may be waiting for: a reply, a close, the server starved of input."""
+
+    def __init__(self, rng: random.Random, pool: BufferPool | None = None) -> None:
+        super().__init__(b"", rng, SEALED_LIMITS, pool)
+        self.outbox: deque[tuple[int, dict[str, Any], bytes]] = deque()
+        self.wake = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self.ended = False
+        self.starved = False  # the server waits for bytes and has read all we sent
+
+    def push(self, data: bytes) -> None:
+        self._data = memoryview(bytes(self._data[self._pos :]) + data)
+        self._pos = 0
+        self.starved = False
+        self._arrived.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._arrived.set()
+
+    async def recv(self) -> Frame:
+        while not self._frames:
+            if self._error is not None:
+                raise ConnectionClosed(str(self._error))
+            if self._closed:
+                raise ConnectionClosed("connection closed")
+            if self._pos >= len(self._data):
+                if self.ended:
+                    raise ConnectionClosed("connection closed by peer")
+                self.starved = True
+                self.wake.set()
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            self._read_some()
+        return self._frames.popleft()
+
+    async def send(
+        self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
+    ) -> None:
+        if not self._closed:
+            payload = b"".join(memoryview(s).cast("B") for s in segments)
+            self.outbox.append((msg_type, dict(header or {}), payload))
+            self.wake.set()
+        await super().send(msg_type, header, segments)
+
+    def close(self) -> None:
+        super().close()
+        self.wake.set()
+
+    async def reply(self, server: asyncio.Task[None]) -> tuple[int, dict[str, Any], bytes] | None:
+        """The server's next frame, or None once it has ended, closed, or wants more input."""
+        while not self.outbox:
+            if server.done() or self._closed or self.starved:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        return self.outbox.popleft()
+
+
+class SealedNode(Node):
+    """A Node that keeps the sealed connection of its last handshake: what it received is
+    what the target checks after a record that fails authentication."""
+
+    sealed: SealedConnection | None = None
+
+    async def _authenticate(self, conn: Connection, hello: Frame) -> Connection | None:
+        sealed = await super()._authenticate(conn, hello)
+        self.sealed = sealed if isinstance(sealed, SealedConnection) else None
+        return sealed
+
+
+@dataclass
+class SecurePlan:
+    """What the caller does, beyond the bytes of the case: everything that depends on the
+    server's answer (its nonce and key are fresh each time) is made at run time from
+    ``seed``, so that the case replays."""
+
+    seed: int
+    ring: int  # the caller's keyring: CALLER_RINGS[ring]
+    key: bytes  # the caller's X25519 private key ...
+    nonce: bytes  # ... and nonce, as in its opening
+    opening: int  # bytes of the case that are the opening; the rest are record plaintext
+    answer: str  # ANSWERS
+    records: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, op)
+
+
+class SecureTarget:
+    """``Node._serve`` with a keyring: the server's side of the handshake (HELLO, AUTH) fed
+    valid, mutated and random openings and answers, and after a handshake the harness
+    completed with the swarm's secret, sealed records valid and broken (bits and tags
+    flipped, truncated, replayed, reordered, sealed ahead or with the wrong key, frames in
+    the clear, prefixes that lie) carrying frames valid and broken. A handler records what
+    reaches it: nothing may, from a record that fails authentication on; such a record must
+    close the connection; a refused caller hears "authentication failed" and nothing else;
+    every sealed reply opens with the caller's key, in order, and decodes under ``LIMITS``."""
+
+    def __init__(self, seed: int) -> None:
+        self.node = SealedNode(MemoryNetwork(LIMITS).transport("mem"), NODE_NAME, SECURE_NODE)
+        for t in MsgType:
+            self.node.handlers[t] = self._on_frame
+        self.pool = BufferPool(min_size=512)
+        self.ctx = Context(WEIGHTS * 4, None)
+        self.seen: list[tuple[int, int]] = []  # (type, records opened when it was handled)
+        self.clear: list[int] = []  # types handled on a connection that is not sealed
+        self.cases = 0
+
+    async def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        if not isinstance(conn, SealedConnection):
+            self.clear.append(frame.type)
+        self.seen.append((frame.type, getattr(conn, "_received", -1)))
+        payload = bytes(frame.payload)
+        frame.release()
+        if frame.type == MsgType.STATUS_REQ:  # a sealed reply: one record, or several
+            segs = [payload] if payload else [b"\x01" * 70_000] if len(self.seen) % 2 else []
+            await conn.send(MsgType.STATUS, {"name": NODE_NAME, "n": len(self.seen)}, segs)
+
+    # -- inputs ---------------------------------------------------------------------------
+    def gen(self, fz: Fuzzer) -> tuple[bytes, SecurePlan]:
+        r = fz.rng
+        ring = r.choice([0] * 8 + [1, 2])
+        key, nonce = r.randbytes(32), r.randbytes(32)
+        opening = self._opening(fz, CALLER_RINGS[ring], key, nonce)
+        plan = SecurePlan(r.randrange(2**32), ring, key, nonce, len(opening), r.choice(ANSWERS))
+        fz.frames += 1  # the answer
+        script = [MsgType.HELLO] + r.choice(
+            [[MsgType.STATUS_REQ], [MsgType.SWIM, MsgType.STATUS_REQ], [MsgType.CONTROL], []]
+        )
+        plain = fz.stream(self.ctx, script, extra=2)
+        if r.random() < 0.003:  # a frame of a full-size record's worth (its payload echoed)
+            plain += fz._encode(MsgType.STATUS_REQ, {}, [r.randbytes(RECORD - 64)]) + plain
+        plan.records = self._cuts(fz, plan.opening, len(plain))
+        return opening + plain, plan
+
+    def _opening(self, fz: Fuzzer, ring: Keyring, key: bytes, nonce: bytes) -> bytes:
+        """The caller's HELLO: valid, with a field broken, byte-mutated, another frame, noise."""
+        r = fz.rng
+        fz.frames += 1
+        dh = _public(X25519PrivateKey.from_private_bytes(key))
+        hello: dict[str, Any] = {"versions": [1], "kid": key_id(ring.primary),
+                                 "nonce": nonce.hex(), "dh": dh.hex(),
+                                 "tag": member_tag(ring.primary, "fuzz-caller")}  # fmt: skip
+        k = r.random()
+        if k < 0.55:
+            return fz._encode(MsgType.HELLO, hello, [])
+        if k < 0.75:
+            return fz._encode(MsgType.HELLO, self._bad_field(fz, hello), [])
+        if k < 0.83:
+            return fz._encode(MsgType.HELLO, fz.maybe_wrong(hello, 1.0), [])
+        data = fz._encode(MsgType.HELLO, hello, [])
+        if k < 0.93:
+            return r.choice(
+                [
+                    lambda: fz._mutate_bytes(data),
+                    lambda: data[: r.randrange(len(data))],
+                    lambda: fz._prefix_lie(data),
+                    lambda: fz._seg_lie(MsgType.HELLO, hello, [r.randbytes(r.choice([0, 4]))]),
+                ]
+            )()
+        if k < 0.97:
+            fz.frames -= 1  # frame_bytes counts it
+            t = r.choice([MsgType.AUTH, MsgType.SEALED, MsgType.ERROR, MsgType.STATUS_REQ])
+            return fz.frame_bytes(t, self.ctx, clean=0.5)
+        if k < 0.985:
+            return (
+                fz._garbage_header(MsgType.HELLO) if r.random() < 0.5 else fz._huge(MsgType.HELLO)
+            )
+        return r.randbytes(r.choice([1, 15, 16, 17, 100]))
+
+    @staticmethod
+    def _bad_field(fz: Fuzzer, hello: dict[str, Any]) -> dict[str, Any]:
+        """One of kid, nonce, dh wrong: another key's id, a length off by one byte or one
+        digit, not hex, hex with spaces (``bytes.fromhex`` skips them), non-ASCII, bytes,
+        a low-order point, nested, or missing."""
+        r = fz.rng
+        h = dict(hello)
+        name = r.choice(["kid", "nonce", "dh"])
+        good: str = h[name]
+        if r.random() < 0.08:
+            del h[name]
+            return h
+        bad: list[Any] = [good[:-2], good + "00", good[:-1], "zz" + good[2:], "  " + good[2:],
+                          good[:30] + "  " + good[32:], "\u00e9" * len(good), good.upper(),
+                          good[:-2] + "\u0660\u0661", bytes.fromhex(good), [good], {"k": good},
+                          _deep(990, good), fz.nasty()]  # fmt: skip
+        if name == "kid":
+            bad += [key_id(STRANGER.primary), key_id(SWARM.keys[1]), "", "0" * 16]
+        elif name == "dh":
+            bad += ["00" * 32, "01" + "00" * 31, "ff" * 32, r.randbytes(32).hex()]
+        else:
+            bad += ["00" * 32, r.randbytes(32).hex()]
+        h[name] = r.choice(bad)
+        return h
+
+    @staticmethod
+    def _cuts(fz: Fuzzer, start: int, n: int) -> list[tuple[int, int, str]]:
+        """The plaintext cut into records (now and then many tiny ones), each with an op."""
+        r = fz.rng
+        pieces = r.choice([1, 1, 2, 3, 4, 8]) if r.random() < 0.97 else 40
+        low = 0
+        if n > RECORD:  # a full-size record first, or (3 in 10) one a byte over: refused
+            low = RECORD + (r.random() < 0.3)
+        bounds = sorted({0, n, low, *(r.randrange(low, n + 1) for _ in range(pieces - 1))})
+        cuts = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            op = r.choices(OP_NAMES, OP_WEIGHTS)[0] if r.random() < 0.4 else "ok"
+            cuts.append((start + a, start + b, op))
+        if r.random() < 0.2 and cuts:  # one more, sealed again after the first bad record
+            cuts.append(cuts[-1][:2] + ("ok",))
+        fz.frames += len(cuts)
+        return cuts
+
+    # -- a case ---------------------------------------------------------------------------
+    async def run(self, case: tuple[bytes, SecurePlan]) -> None:
+        blob, plan = case
+        self.cases += 1
+        self.seen.clear()
+        self.clear.clear()
+        self.node.sealed = None
+        rng = random.Random(plan.seed)
+        conn = LiveConnection(rng, self.pool)
+        server = asyncio.get_running_loop().create_task(self.node._serve(conn))
+        server.add_done_callback(lambda _: conn.wake.set())
+        first_bad: int | None = None
+        keys: tuple[AESGCM, AESGCM] | None = None
+        try:
+            keys = await self._handshake(conn, server, blob, plan, Fuzzer(rng))
+            if keys is not None:
+                first_bad = await self._send_records(conn, blob, plan, keys, Fuzzer(rng))
+            if not conn.stall and rng.random() < 0.998:
+                conn.end()  # else the caller goes silent: the idle deadline must end it
+            await server
+        finally:
+            if not server.done():
+                server.cancel()
+                await asyncio.gather(server, return_exceptions=True)
+            self._verify(conn, keys, first_bad)
+
+    async def _handshake(
+        self,
+        conn: LiveConnection,
+        server: asyncio.Task[None],
+        blob: bytes,
+        plan: SecurePlan,
+        fz: Fuzzer,
+    ) -> tuple[AESGCM, AESGCM] | None:
+        """Send the opening; answer a challenge. The caller's (send, receive) ciphers when it
+        sent a valid proof, else None."""
+        ring = CALLER_RINGS[plan.ring]
+        conn.push(blob[: plan.opening])
+        reply = await conn.reply(server)
+        if reply is None:
+            return None
+        if reply[0] != MsgType.AUTH:
+            conn.outbox.appendleft(reply)  # what a refused caller heard: checked later
+            return None
+        self._challenged(blob[: plan.opening])
+        state = ClientState(plan.nonce, X25519PrivateKey.from_private_bytes(plan.key))
+        try:
+            proof, keys = client_verify(ring, state, reply[1])
+        except AuthError:  # the server saw another opening than ours (a mutated field)
+            conn.push(fz._encode(MsgType.AUTH, {"proof": fz.rng.randbytes(32).hex()}, []))
+            return None
+        answer, valid = self._answer(fz, plan.answer, proof["proof"], reply[1])
+        if answer is None:
+            conn.stall = True
+            return None
+        conn.push(answer)
+        return keys if valid else None
+
+    @staticmethod
+    def _challenged(opening: bytes) -> None:
+        """A challenge answers only an opening whose nonce and key are what the protocol
+        says: 32 bytes each, as 64 hex digits (anything else makes the transcript, which
+        both proofs cover, mean something else than the bytes it is made of)."""
+        dec = Decoder(SEALED_LIMITS)
+        frames: list[Frame] = []
+        while not frames and opening:  # the first frame alone, as the server read it
+            n = dec.needed
+            frames = dec.feed(opening[:n])
+            opening = opening[n:]
+        hello = frames[0].header if frames else {}
+        for name in ("nonce", "dh"):
+            value = hello.get(name)
+            if not (isinstance(value, str) and HEX64.fullmatch(value)):
+                raise Violation(f"challenged an opening whose {name} is {short(value)}")
+
+    @staticmethod
+    def _answer(
+        fz: Fuzzer, kind: str, proof: str, challenge: dict[str, Any]
+    ) -> tuple[bytes | None, bool]:
+        """The caller's AUTH, and whether it holds a proof the server must accept."""
+        r = fz.rng
+        if kind == "valid":
+            return fz._encode(MsgType.AUTH, {"proof": proof}, []), True
+        if kind == "extra":
+            return fz._encode(MsgType.AUTH, {"proof": proof, fz.key(): fz.nasty()}, []), True
+        if kind == "proof":
+            i = r.randrange(len(proof))
+            flipped = proof[:i] + ("0" if proof[i] != "0" else "1") + proof[i + 1 :]
+            bad = r.choice([flipped, proof.upper(), proof[:-1], proof + "0", " " + proof[1:],
+                            challenge.get("proof"), bytes.fromhex(proof), "\u00e9" * len(proof),
+                            proof[:-1] + "\u00e9", [proof], None, _deep(990, proof),
+                            fz.nasty()])  # fmt: skip
+            return fz._encode(MsgType.AUTH, {"proof": bad}, []), False
+        if kind == "type":
+            t = r.choice([MsgType.HELLO, MsgType.SEALED, MsgType.ERROR, MsgType.STATUS_REQ])
+            return fz._encode(t, {"proof": proof}, [r.randbytes(r.choice([0, 16, 40]))]), False
+        if kind == "bytes":  # may still hold the proof: not counted as one
+            data = fz._encode(MsgType.AUTH, {"proof": proof}, [])
+            return r.choice([fz._mutate_bytes(data), data[: r.randrange(len(data))]]), False
+        if r.random() < 0.01:
+            return None, False  # silent: the handshake deadline must end it
+        return b"", False
+
+    async def _send_records(
+        self,
+        conn: LiveConnection,
+        blob: bytes,
+        plan: SecurePlan,
+        keys: tuple[AESGCM, AESGCM],
+        fz: Fuzzer,
+    ) -> int | None:
+        """Seal the plan's records and send them; the number of records the server could
+        open before the first it cannot (None: it can open them all)."""
+        r = fz.rng
+        counter = 0  # the next record's number, as the server counts records
+        sent: list[bytes] = []
+        first_bad: int | None = None
+        for start, end, op in plan.records:
+            chunk = blob[start:end]
+            if op in BAD_OPS and first_bad is None:
+                first_bad = counter
+            data, counted = self._record(fz, op, chunk, counter, keys, sent)
+            counter += counted
+            conn.push(data)
+            if r.random() < 0.3:
+                await asyncio.sleep(0)
+        return first_bad
+
+    @staticmethod
+    def _record(
+        fz: Fuzzer, op: str, chunk: bytes, n: int, keys: tuple[AESGCM, AESGCM], sent: list[bytes]
+    ) -> tuple[bytes, int]:
+        """The bytes of one op on record ``n``, and how many records the server counts in
+        them (every SEALED frame of at least a tag's length)."""
+        r = fz.rng
+        send, receive = keys
+
+        def sealed(record: bytes, header: dict[str, Any] | None = None) -> bytes:
+            data = fz._encode(MsgType.SEALED, header or {}, [record])
+            sent.append(data)
+            return data
+
+        def seal(i: int, plain: bytes, aead: AESGCM = send) -> bytes:
+            return aead.encrypt(RECORD_NONCE.pack(i % 2**64), plain, None)
+
+        if op in ("ok", "garbage", "header", "prefix"):
+            if op == "garbage":  # authentic, but not frames: the inner decoder's to refuse
+                chunk = r.choice([r.randbytes(len(chunk) or 1), fz._prefix_lie(PREFIX.pack(
+                    MAGIC, MsgType.SWIM, 0, 4, 0) + b"\x80" * 4)])  # fmt: skip
+            head = {fz.key(): fz.nasty()} if op == "header" else {}
+            data = sealed(seal(n, chunk), head)
+            return (fz._prefix_lie(data) if op == "prefix" else data), 1
+        if op == "flip":
+            rec = bytearray(seal(n, chunk))
+            rec[r.randrange(len(rec))] ^= 1 << r.randrange(8)
+            return sealed(bytes(rec)), 1
+        if op == "tag":
+            rec = seal(n, chunk)
+            return sealed(
+                rec[:-TAG] + r.choice([bytes(TAG), r.randbytes(TAG), rec[-TAG:][::-1]])
+            ), 1
+        if op == "truncate":
+            rec = seal(n, chunk)
+            cut = rec[: r.randrange(len(rec))]
+            return sealed(cut), int(len(cut) >= TAG)
+        if op == "replay":
+            return (r.choice(sent) if sent else sealed(seal(n + 1, chunk))), 1
+        if op == "reorder":  # this record's two halves, the second sealed first
+            half = len(chunk) // 2
+            return sealed(seal(n + 1, chunk[half:])) + sealed(seal(n, chunk[:half])), 2
+        if op == "ahead":  # one record dropped
+            return sealed(seal(n + r.choice([1, 2, 2**32, 2**64 - 1]), chunk)), 1
+        if op == "reflect":  # what the server would send: the other direction's key
+            return sealed(seal(n, chunk, receive)), 1
+        if op == "stranger":
+            return sealed(AESGCM(r.randbytes(32)).encrypt(RECORD_NONCE.pack(n), chunk, None)), 1
+        if op == "clear":  # the plaintext, or one frame of it, unsealed
+            return r.choice([chunk, fz._encode(MsgType.STATUS_REQ, {}, [])]), 0
+        if op == "error":
+            return fz._encode(MsgType.ERROR, {"reason": "authentication failed"}, []), 0
+        # huge: a SEALED prefix that declares more than any record may be
+        plen = r.choice([RECORD + TAG + 1, 2 << 30, 2**64 - 1])
+        return PREFIX.pack(MAGIC, MsgType.SEALED, 0, 1, plen) + b"\x80" + chunk[:100], 0
+
+    # -- what must hold -------------------------------------------------------------------
+    def _verify(
+        self, conn: LiveConnection, keys: tuple[AESGCM, AESGCM] | None, first_bad: int | None
+    ) -> None:
+        if self.clear:
+            raise Violation(f"frames of types {self.clear[:5]} handled on a connection not sealed")
+        sealed = self.node.sealed
+        if sealed is None:
+            self._refused(conn, keys)
+            return
+        if first_bad is not None:
+            late = [t for t, opened in self.seen if opened > first_bad]
+            if late:
+                raise Violation(
+                    f"frames of types {late[:5]} handled after record {first_bad}, which "
+                    f"failed authentication ({len(self.seen)} handled)"
+                )
+            if sealed._received > first_bad and not conn._closed:
+                raise Violation(f"record {first_bad} failed authentication; connection open")
+        if keys is not None:
+            self._open_replies(conn, keys[1])
+
+    def _refused(self, conn: LiveConnection, keys: tuple[AESGCM, AESGCM] | None) -> None:
+        """No handshake: nothing handled, and the caller heard one thing at most."""
+        if self.seen:
+            raise Violation(f"{len(self.seen)} frames handled without a handshake")
+        said = [(t, h) for t, h, _ in conn.outbox]
+        if keys is not None and said:
+            raise Violation(f"a caller with a valid proof was refused: {short(said)}")
+        if said and said != [(MsgType.ERROR, {"reason": AUTH_FAILED})]:
+            raise Violation(f"a refused caller was told {short(said)}")
+
+    @staticmethod
+    def _open_replies(conn: LiveConnection, recv: AESGCM) -> None:
+        """Every reply after the handshake is a record the caller opens, in order."""
+        dec = Decoder(LIMITS)
+        for i, (t, _, payload) in enumerate(conn.outbox):
+            if t != MsgType.SEALED:
+                raise Violation(f"a frame of type {t} in the clear on a sealed connection")
+            try:
+                dec.feed(recv.decrypt(RECORD_NONCE.pack(i), payload, None))
+            except InvalidTag:
+                raise Violation(f"sealed reply {i} does not open with the caller's key") from None
+            except FrameError as exc:
+                raise Violation(f"sealed reply {i} holds a frame we refuse: {exc}") from None
+            dec.frames.clear()
+
+    def check(self) -> None:
+        if self.node._serving:
+            raise Violation(f"left behind: serving={self.node._serving}")
+        if self.cases % 64 == 0:
+            _check_pool(self)
+
+
 def make_targets(seed: int, names: Sequence[str] | None = None) -> list[Target]:
     """The targets, in run order, each with its share of the frames (only those named)."""
 
@@ -1407,9 +1920,14 @@ def make_targets(seed: int, names: Sequence[str] | None = None) -> list[Target]:
         p = PeerTarget()
         return Target("peer", p.gen, p.run, SERVE_ERRORS, p.check, weight=0.08)
 
+    def secure() -> Target:
+        s = SecureTarget(seed)
+        # AuthError is a TransportError: named for what the sealed layer documents.
+        return Target("secure", s.gen, s.run, (AuthError, *SERVE_ERRORS), s.check, weight=0.08)
+
     makers = {"decoder": decoder, "swim": swim, "membership": membership, "node": node,
               "tcp": tcp, "memnet": memnet, "exchange": exchange, "client": client,
-              "peer": peer}  # fmt: skip
+              "peer": peer, "secure": secure}  # fmt: skip
     unknown = set(names or ()) - set(makers)
     if unknown:
         raise ValueError(f"unknown targets {sorted(unknown)}; known: {', '.join(makers)}")
@@ -1849,6 +2367,7 @@ TARGET_NAMES = (
     "exchange",
     "client",
     "peer",
+    "secure",
 )
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ class MemoryTransport(Transport):
         self.conns: set[MemoryConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def limits(self) -> Limits:
+        """The network's limits: what ``Node`` decodes sealed frames under, as over TCP."""
+        return self.net.limits
+
     async def listen(self, host: str, port: int, handler: Handler) -> tuple[str, int]:
         port = port or self.net.next_port()
         self.addr = f"{host}:{port}"

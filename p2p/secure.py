@@ -100,7 +100,7 @@ class Keyring:
 
     def find(self, kid: str) -> bytes | None:
         for key in self.keys:
-            if hmac.compare_digest(key_id(key), kid):
+            if _same(kid, key_id(key)):
                 return key
         return None
 
@@ -148,14 +148,23 @@ def _mac(key: bytes, role: bytes, transcript: bytes) -> str:
     return hmac.new(key, role + transcript, hashlib.sha256).hexdigest()
 
 
+def _same(theirs: Any, ours: str) -> bool:
+    """A value from the wire equals our hex digest, compared in constant time. A string
+    with non-ASCII characters equals no digest (``compare_digest`` raises TypeError on it)."""
+    return isinstance(theirs, str) and theirs.isascii() and hmac.compare_digest(theirs, ours)
+
+
 def _hex(value: Any, nbytes: int) -> bytes:
     """A hex string of exactly ``nbytes`` bytes from the wire, or AuthError."""
     if not isinstance(value, str) or len(value) != 2 * nbytes:
         raise AuthError(AUTH_FAILED)
     try:
-        return bytes.fromhex(value)
+        raw = bytes.fromhex(value)
     except ValueError:
         raise AuthError(AUTH_FAILED) from None
+    if len(raw) != nbytes:  # fromhex skips whitespace: "  " and 62 digits are 31 bytes
+        raise AuthError(AUTH_FAILED)
+    return raw
 
 
 def _public(private: X25519PrivateKey) -> bytes:
@@ -226,10 +235,7 @@ def client_verify(
     nonce_s = _hex(challenge.get("nonce"), NONCE_BYTES)
     dh_s = _hex(challenge.get("dh"), DH_BYTES)
     transcript = state.nonce + nonce_s + _public(state.private) + dh_s
-    proof = challenge.get("proof")
-    if not isinstance(proof, str) or not hmac.compare_digest(
-        proof, _mac(key, b"server", transcript)
-    ):
+    if not _same(challenge.get("proof"), _mac(key, b"server", transcript)):
         raise AuthError(f"{AUTH_FAILED}: the peer does not hold our secret")
     shared = _shared(state.private, dh_s)
     return {"proof": _mac(key, b"client", transcript)}, _ciphers(key, shared, transcript, True)
@@ -238,10 +244,7 @@ def client_verify(
 def server_verify(state: Any, answer: dict[str, Any]) -> tuple[AESGCM, AESGCM]:
     """Check the caller's proof; the (send, receive) ciphers."""
     key, transcript, shared = state
-    proof = answer.get("proof")
-    if not isinstance(proof, str) or not hmac.compare_digest(
-        proof, _mac(key, b"client", transcript)
-    ):
+    if not _same(answer.get("proof"), _mac(key, b"client", transcript)):
         raise AuthError(AUTH_FAILED)
     return _ciphers(key, shared, transcript, False)
 

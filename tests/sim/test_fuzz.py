@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from p2p import secure
 from p2p.framing import MAGIC, PREFIX, Decoder, FrameError, Limits, MsgType
 
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz.py"
@@ -41,7 +45,7 @@ def test_twenty_thousand_frames_through_every_target_find_nothing() -> None:
     for t in report.targets:
         assert t.cases > 0 and t.traced_cases > 0, t.name
     # The stream targets saw both kinds of input: refused by the decoder and handled.
-    for name in ("decoder", "node", "tcp"):
+    for name in ("decoder", "node", "tcp", "secure"):
         t = next(t for t in report.targets if t.name == name)
         assert 0 < t.rejected < t.cases, name
 
@@ -113,3 +117,39 @@ def test_the_harness_reports_an_allocation_its_input_does_not_justify() -> None:
     (res,) = report.targets
     kinds = {f.kind for f in report.findings}
     assert res.memory >= 2 and kinds == {"memory", "leak"}
+
+
+class _Unverified:
+    """AES-GCM that opens a record whose tag does not match anyway (GCM is CTR mode from
+    counter block 2 under a 96-bit nonce): a sealed layer that skips tag verification."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.aead = AESGCM(key)
+
+    def encrypt(self, nonce: bytes, data: bytes, associated: bytes | None) -> bytes:
+        return self.aead.encrypt(nonce, data, associated)
+
+    def decrypt(self, nonce: bytes, data: bytes, associated: bytes | None) -> bytes:
+        try:
+            return self.aead.decrypt(nonce, data, associated)
+        except InvalidTag:
+            ctr = Cipher(algorithms.AES(self.key), modes.CTR(bytes(nonce) + b"\0\0\0\2"))
+            return ctr.decryptor().update(bytes(data[:-16]))
+
+
+def test_the_secure_target_reports_records_accepted_without_their_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(secure, "AESGCM", _Unverified)
+    report = fuzz.run_fuzz(3000, seed=5, targets=["secure"], trace_every=20)
+    errors = {f.error.split(",")[0] for f in report.findings if f.kind == "crash"}
+    assert any("handled after record" in e for e in errors), errors
+    assert any("failed authentication; connection open" in e for e in errors), errors
+
+
+def test_the_secure_target_finds_nothing_in_the_sealed_layer_as_it_is() -> None:
+    report = fuzz.run_fuzz(3000, seed=5, targets=["secure"], trace_every=20)
+    assert not report.findings, report.findings[:3]
+    (res,) = report.targets
+    assert 0 < res.rejected < res.cases

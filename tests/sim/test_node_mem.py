@@ -1,14 +1,15 @@
 """A node on the in-memory network: the listener's side of the handshake on malformed
-HELLOs, and what one-way sends remember."""
+HELLOs, what one-way sends remember, and the limits its sealed connections decode under."""
 
 import asyncio
 
 import msgpack
 import pytest
 
-from p2p.framing import Limits, MsgType
+from p2p.framing import MAGIC, PREFIX, Limits, MsgType
 from p2p.memnet import MemoryConnection, MemoryNetwork
-from p2p.node import HandshakeError, Node
+from p2p.node import HandshakeError, Node, NodeConfig
+from p2p.secure import Keyring, SealedConnection
 from p2p.transport import TransportError
 
 DEEP = msgpack.unpackb(b"\x91" * 1000 + b"\x80")  # what msgpack decodes; too deep for repr()
@@ -100,3 +101,32 @@ async def test_a_refusal_too_deep_to_print_is_a_handshake_error(node):
     with pytest.raises(HandshakeError, match=r"refused us: \[\[\[") as err:
         await node.open(f"{host}:{port}", 1.0)
     assert len(str(err.value)) < 400
+
+
+async def test_a_sealed_frame_is_decoded_under_the_networks_limits():
+    # Found by benchmarks/fuzz.py: Node decodes what sealed records carry under its
+    # transport's limits, which a MemoryTransport did not name; its sealed connections fell
+    # back to Limits() and took a frame that declared 2 GiB, allocating the 2 GiB.
+    ring = Keyring((b"sim-test-secret-0123456789",))
+    net = MemoryNetwork(Limits(max_payload=1 << 20))
+    server = Node(net.transport(), "s", NodeConfig(keyring=ring))
+    seen = []
+
+    async def on_status(conn, frame):
+        seen.append(frame)
+
+    server.handlers[MsgType.STATUS_REQ] = on_status
+    await server.start("h", 0)
+    client = Node(net.transport(), "c", NodeConfig(keyring=ring))
+    conn = await client.open(server.addr, 1.0)
+    assert isinstance(conn, SealedConnection)
+    await conn.send(MsgType.STATUS_REQ, {})
+    head = msgpack.packb({"_seg": [1 << 30]})
+    lying = PREFIX.pack(MAGIC, MsgType.STATUS_REQ, 0, len(head), 1 << 30) + head  # 1 GiB
+    await conn.inner.send(MsgType.SEALED, {}, [conn._seal(lying)])
+    async with asyncio.timeout(2):  # refused at once, not waited for
+        with pytest.raises(TransportError):
+            await conn.recv()
+    assert len(seen) == 1
+    for transport in net.transports:
+        await transport.close()

@@ -369,6 +369,11 @@ class Agent:
         if self._clock.step(self.exchanger.exchanges) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._kick.set)
 
+    def kick(self) -> None:
+        """Offer an exchange now (call from any thread): an outer step just ended."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._kick.set)
+
     def neighbours(self) -> list[str]:
         """Live neighbours to try, in order (see ``partner_order``)."""
         if self.membership is None:

@@ -48,7 +48,16 @@ from p2p.framing import Frame, MsgType, show, text
 from p2p.node import Node
 from p2p.transport import Connection, ConnectionClosed, TransportError
 
-from .averaging import MAX_LAYOUT, DeltaStream, UpdateGuard, UpdateRejected, layout_diff
+from .averaging import MAX_LAYOUT, DeltaStream, UpdateGuard, UpdateRejected, judge, layout_diff
+from .compress import (
+    CODECS,
+    OWN_NOT_FINITE,
+    CompressedStream,
+    Compressor,
+    Packed,
+    PayloadRefused,
+    codec,
+)
 from .screening import RobustMixing, Screen, Verdict
 
 log = logging.getLogger(__name__)
@@ -96,6 +105,28 @@ def _add_in(store: WeightStore, delta: np.ndarray) -> None:
     push = getattr(store, "push_delta", None)
     if push is not None:
         push(delta)
+
+
+def _encode_from(store: WeightStore, comp: Compressor) -> None:
+    _refresh(store)
+    comp.encode(store.array)
+
+
+def _mix_compressed(
+    store: WeightStore, stream: CompressedStream, frame: Frame, factor: float
+) -> None:
+    """``current += factor * (D(theirs) - D(ours))``, chunk by chunk: no full-size delta,
+    unless the store mirrors its weights elsewhere (a GPU), which takes the delta whole."""
+    push = getattr(store, "push_delta", None)
+    if push is None:
+        for k in range(len(stream.comp.spans)):
+            stream.apply_chunk(frame.payload, k, store.array, factor)
+        return
+    delta = np.zeros_like(store.array)
+    for k in range(len(stream.comp.spans)):
+        stream.apply_chunk(frame.payload, k, delta, factor)
+    store.array += delta
+    push(delta)
 
 
 def _locked(lock: threading.Lock, fn: Callable[..., Any], *args: Any) -> None:
@@ -175,6 +206,17 @@ class GossipConfig:
     guard: UpdateGuard = field(default_factory=UpdateGuard)
     # Screening, clipping and quarantine of received updates (gossip.screening).
     robust: RobustMixing = field(default_factory=RobustMixing)
+    # Payload compression (gossip.compress): none, fp16, bf16 or int8. Every peer of a
+    # swarm must use the same; an offer from a peer that compresses otherwise is declined.
+    compress: str = "none"
+    # Error feedback for compressed payloads (the residual carried to the next send).
+    feedback: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compress not in CODECS:
+            raise ValueError(
+                f"unknown compression {self.compress!r}: choose one of {', '.join(CODECS)}"
+            )
 
     def deadline(self, nbytes: int) -> float:
         return self.deadline_base + 2 * nbytes / self.deadline_min_rate
@@ -217,7 +259,13 @@ class Exchanger:
         self.training = True  # said in our offers; lingering peers wait for those to stop
         self.last_training_offer = time.monotonic()  # when a training peer last offered
         self._busy = False
-        self._snap = np.empty(store.nbytes // 4, dtype=np.float32)  # reused every exchange
+        n = store.nbytes // 4
+        found = codec(self.config.compress)
+        # Compressed: what we last sent is our snapshot (its decoded values are what we mix
+        # against), so no float32 snapshot is kept; otherwise one reused every exchange.
+        self.comp = Compressor(found, n, self.config.feedback) if found is not None else None
+        self._snap = np.empty(0 if self.comp else n, dtype=np.float32)
+        self.wire_nbytes = self.comp.sent.nbytes if self.comp else store.nbytes
         self._inline = store.nbytes <= INLINE_MAX
         # Set when our own snapshot was not finite: until it is again, check it before
         # sending, so a diverged peer stops spreading NaN (receivers refuse it anyway).
@@ -227,6 +275,7 @@ class Exchanger:
         # our own steps moved them since is the screen's scale for how far honest neighbours
         # may have drifted from us. One more copy of the weights, with robust mixing only.
         self._anchor: np.ndarray | None = None
+        self._packed_anchor: Packed | None = None  # compressed: kept int8-coded
         self.reanchor()
         node.handlers[MsgType.EXCH_OFFER] = self._on_offer
         node.handlers[MsgType.PULL_REQ] = self._on_pull
@@ -246,7 +295,7 @@ class Exchanger:
         self._busy = True
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
-            async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
+            async with asyncio.timeout(self.config.deadline(self.wire_nbytes)):
                 conn = self._conns.pop(addr, None)
                 if conn is not None and not conn.closed:
                     try:
@@ -282,7 +331,7 @@ class Exchanger:
             send_failed: TransportError | None = None
             try:
                 try:
-                    stream = await self._send_snapshot(conn)
+                    stream = await self._send_ours(conn)
                 except TransportError as exc:
                     send_failed = exc  # closed on us: an ERROR sent before is still queued
                 frame = await conn.recv()
@@ -314,6 +363,7 @@ class Exchanger:
             "name": self.node.name,
             "addr": self.node.addr,
             "training": self.training,
+            "compress": self.config.compress,
         }
 
     def _declined(self, addr: str, reply: Frame) -> Outcome:
@@ -375,8 +425,33 @@ class Exchanger:
         await conn.send(MsgType.EXCH_PAYLOAD, {}, [self._snap])
         return stream
 
-    async def _apply(self, addr: str, stream: DeltaStream, frame: Frame) -> None:
+    async def _send_ours(self, conn: Connection) -> DeltaStream | CompressedStream:
+        if self.comp is None:
+            return await self._send_snapshot(conn)
+        # Encode under the weights lock (a pass over the weights, like the snapshot's copy),
+        # then send the encoded buffer: it stays ours until the next exchange.
+        await self._with_weights(_encode_from, self.store, self.comp)
+        stream = CompressedStream(self.comp, self._packed_anchor)
+
+        def progress(frame_type: int, buffer: memoryview, filled: int) -> None:
+            if frame_type == MsgType.EXCH_PAYLOAD:
+                stream.feed(buffer, filled)
+
+        conn.watch_payload(progress)
+        await conn.send(MsgType.EXCH_PAYLOAD, {}, [self.comp.sent])
+        return stream
+
+    async def _apply(self, addr: str, stream: DeltaStream | CompressedStream, frame: Frame) -> None:
         """Judge the delta ``addr`` sent (finite, plausible, screened) and mix it in."""
+        if isinstance(stream, CompressedStream):
+            try:
+                factor = self._judged_compressed(addr, stream, frame)
+                if factor is not None:
+                    await self._with_weights(_mix_compressed, self.store, stream, frame, factor)
+            finally:
+                frame.release()
+            self.exchanges += 1
+            return
         try:
             delta = self._judged(addr, stream, frame)
             if delta is not None:
@@ -422,6 +497,44 @@ class Exchanger:
                 delta *= np.float32(verdict.scale)  # clipped: one pass, in place
         return delta
 
+    def _judged_compressed(self, addr: str, stream: CompressedStream, frame: Frame) -> float | None:
+        """The factor to mix the compressed delta with (screened, clipped), None to mix
+        nothing; raises ``UpdateRejected`` for a refused one."""
+        screening = self.config.robust.enabled and self.apply_received
+        try:
+            if frame.type != MsgType.EXCH_PAYLOAD:
+                raise UpdateRejected(f"{addr} sent a malformed payload")
+            try:
+                stream.finish(frame.payload)
+            except PayloadRefused as exc:
+                why = str(exc)
+                raise UpdateRejected(why if why == OWN_NOT_FINITE else f"{addr}: {why}") from None
+            judge(stream.dist_sq, stream.snap_sq, self.config.guard)
+        except UpdateRejected as exc:
+            if str(exc).startswith("our own"):
+                raise
+            if not self.apply_received:
+                return None
+            if screening:
+                self._screened(addr, self.screen.refuse(addr, str(exc), time.monotonic()))
+            raise
+        if not self.apply_received:
+            return None
+        scale = 1.0
+        if screening:
+            verdict = self.screen.judge(
+                addr,
+                stream.dist_sq,
+                stream.snap_sq,
+                time.monotonic(),
+                record=self.training,
+                remote_sq=stream.remote_sq,
+                drift_sq=stream.moved_sq,
+            )
+            self._screened(addr, verdict)
+            scale = verdict.scale
+        return 0.5 * scale
+
     def _screened(self, addr: str, verdict: Verdict) -> None:
         """Report a refusal (and a quarantine it started); raise ``UpdateRejected``."""
         if verdict.accepted:
@@ -449,6 +562,13 @@ class Exchanger:
         """Measure our own movement from our current weights on: call when they were just
         replaced (a catch-up, a resync). Blocks on the weights lock."""
         if not self.config.robust.enabled:
+            return
+        if self.comp is not None:
+            packed = self._packed_anchor or Packed(self.store.nbytes // 4)
+            with self.store.lock:
+                _refresh(self.store)
+                packed.set_from(self.store.array)
+            self._packed_anchor = packed
             return
         anchor = self._anchor if self._anchor is not None else np.empty_like(self._snap)
         with self.store.lock:
@@ -485,6 +605,14 @@ class Exchanger:
         if h.get("schema") != self.store.schema or h.get("nbytes") != self.store.nbytes:
             await self._refuse_schema(conn, h)
             return
+        if h.get("compress", "none") != self.config.compress:
+            theirs = text(h.get("compress"), 40)
+            reason = (
+                f"{theirs} compression offered, this peer uses {self.config.compress}: "
+                "start every peer with the same --compress"
+            )
+            await conn.send(MsgType.EXCH_DECLINE, {"reason": reason, "incompatible": True})
+            return
         if h.get("training") is True:
             self.last_training_offer = time.monotonic()
         # Who offers: its advertised address (what we dial it by), else its name.
@@ -502,11 +630,11 @@ class Exchanger:
         cpu0 = time.thread_time()
         recv_task: asyncio.Task[Frame] | None = None
         try:
-            async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
+            async with asyncio.timeout(self.config.deadline(self.wire_nbytes)):
                 await conn.send(MsgType.EXCH_ACCEPT, {"name": self.node.name})
                 recv_task = asyncio.create_task(conn.recv())
                 try:
-                    stream = await self._send_snapshot(conn)
+                    stream = await self._send_ours(conn)
                 except UpdateRejected as exc:
                     await conn.send(MsgType.ERROR, {"reason": str(exc)})
                     conn.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 from gossip.agent import AgentConfig
 from gossip.exchange import GossipConfig
+from gossip.outer import OuterConfig
 from gossip.policy import ScheduleConfig
 
 
@@ -107,6 +108,8 @@ class PeerConfig:
     insecure: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    # Infrequent averaging with an outer optimizer (gossip.outer): [outer] steps, lr, momentum.
+    outer: OuterConfig = field(default_factory=OuterConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -171,12 +174,15 @@ def _fill(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = tuple(value) if isinstance(value, list) else tuple(str(value).split(","))
         else:
             kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a value a dataclass refuses (an unknown codec)
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_toml(path: str | Path) -> PeerConfig:
     """A PeerConfig from a TOML file (top-level peer keys, [train], [gossip], [schedule],
-    [checkpoint]) or from the JSON a launcher writes (``save_config``): same keys."""
+    [outer], [checkpoint]) or from the JSON a launcher writes (``save_config``): same keys."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

@@ -76,6 +76,28 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help=f"CPU gossip may use while training, in cores (default {G.time_budget}; 0: no limit)",
     )
     g.add_argument(
+        "--compress",
+        choices=("none", "fp16", "bf16", "int8"),
+        help="weights on the wire: none (float32), fp16, bf16, or int8 (blockwise, a scale "
+        "per 256 values), with error feedback (default none; every peer the same)",
+    )
+    g.add_argument(
+        "--outer-steps",
+        type=int,
+        metavar="H",
+        help="infrequent averaging: take H local steps, then an outer Nesterov step on the "
+        "gossip-averaged outer weights, DiLoCo-style (default 0: off, plain gossip)",
+    )
+    g.add_argument("--outer-lr", type=float, help="outer learning rate (default 0.7)")
+    g.add_argument("--outer-momentum", type=float, help="outer Nesterov momentum (default 0.9)")
+    g.add_argument(
+        "--link-rate",
+        type=float,
+        metavar="MB/S",
+        help="slowest link's rate in MB/s, for exchange deadlines (default 20; set it lower "
+        "over slow links, or exchanges of large models time out)",
+    )
+    g.add_argument(
         "--eval-every",
         type=int,
         metavar="STEPS",
@@ -253,7 +275,20 @@ def peer_config(args: argparse.Namespace) -> Any:
         schedule = dataclasses.replace(schedule, period_steps=args.period)
     if getattr(args, "gossip_budget", None) is not None:
         schedule = dataclasses.replace(schedule, time_budget=args.gossip_budget)
-    return dataclasses.replace(cfg, train=train, schedule=schedule, **top)
+    gossip = cfg.gossip
+    if getattr(args, "compress", None) is not None:
+        gossip = dataclasses.replace(gossip, compress=args.compress)
+    if getattr(args, "link_rate", None) is not None:
+        if not args.link_rate > 0:
+            raise UserError(f"--link-rate must be positive, got {args.link_rate}")
+        gossip = dataclasses.replace(gossip, deadline_min_rate=args.link_rate * 1e6)
+    outer = cfg.outer
+    for flag, key in (("outer_steps", "steps"), ("outer_lr", "lr"), ("outer_momentum", "momentum")):
+        if getattr(args, flag, None) is not None:
+            outer = dataclasses.replace(outer, **{key: getattr(args, flag)})
+    return dataclasses.replace(
+        cfg, train=train, schedule=schedule, gossip=gossip, outer=outer, **top
+    )
 
 
 def validate(cfg: Any) -> None:
@@ -293,6 +328,12 @@ def validate(cfg: Any) -> None:
         raise UserError("--gossip-budget must be between 0 and 64 (cores)")
     if cfg.linger_seconds < 0:
         raise UserError("--linger must not be negative")
+    o = cfg.outer
+    if o.steps < 0 or not o.lr > 0 or not 0 <= o.momentum < 1:
+        raise UserError(
+            "--outer-steps must not be negative, --outer-lr must be positive and "
+            "--outer-momentum in [0, 1)"
+        )
     if cfg.wait_peers < 0 or cfg.join_timeout < 0:
         raise UserError("--wait-peers and --join-timeout must not be negative")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from gossip.agent import Agent, AgentError
 from gossip.events import Channel, EventFile, Events
+from gossip.outer import OuterStore
 from p2p.framing import Frame, MsgType, show
 from p2p.transport import Connection, Transport
 
@@ -77,6 +78,7 @@ class Peer:
         self._ckpt_peers: list[str] = []  # known peers saved in the checkpoint resumed from
         self._ckpt_error: str | None = None  # last background checkpoint error reported
         self.agent: Agent | None = None
+        self.outer: OuterStore | None = None  # infrequent averaging (--outer-steps)
         self.t0 = time.monotonic()
 
     @property
@@ -113,15 +115,19 @@ class Peer:
             self.events.name = self.cfg.name  # the agent names it later when it has no name
         self._open_checkpoints()
         t = self.trainer
+        store: Any = t.weights
+        if self.cfg.outer.steps > 0:
+            # Gossip averages the outer weights; the live ones follow every mix (gossip.outer).
+            store = self.outer = OuterStore(t.weights, self.cfg.outer)
         self.agent = Agent(
             self.cfg.agent_config(),
-            t.weights,
+            store,
             self.transport,
             self.events,
             incarnation=self.incarnation,
             resumed=t.resumed_from is not None,
             step=lambda: t.step,
-            load=t.weights.load,
+            load=store.load,
         )
         self.agent.handlers[MsgType.STATUS_REQ] = self._on_status
         if self.cfg.allow_control:
@@ -140,6 +146,12 @@ class Peer:
         async with self.agent:
             self._install_signals()
             await self._train_watching_agent()
+            outer = self.outer
+            if outer is not None and t.step % outer.config.steps:
+                # The inner steps since the last outer step go into the outer weights too,
+                # so lingering exchanges bring every peer's final weights together.
+                await asyncio.to_thread(outer.step)
+                self.agent.kick()
             await self.agent.linger(t.step_seconds, self._signalled)
             return await self._finish()
 
@@ -250,7 +262,12 @@ class Peer:
             if info.metrics is not None:
                 metrics = info.metrics
                 loop.call_soon_threadsafe(lambda: self._eval_event(info.step, metrics))
-            agent.stepped()
+            outer = self.outer
+            if outer is None:
+                agent.stepped()
+            elif info.step % outer.config.steps == 0:
+                outer.step()  # in the training thread: the next inner step waits for it
+                agent.kick()
             now = time.monotonic()
             if (
                 now - self._last_progress >= PROGRESS_INTERVAL
@@ -323,6 +340,8 @@ class Peer:
             "samples": t.samples,
             "exchanges": a.exchanger.exchanges,
             "rejected_updates": a.exchanger.rejected,
+            "compress": self.cfg.gossip.compress,
+            "outer_steps": self.outer.outer_steps if self.outer is not None else None,
             "screening": a.exchanger.screen.stats() if self.cfg.gossip.robust.enabled else None,
             "poisoned": t.poison.mode if t.poison is not None else None,
             "refused_callers": a.node.refused_callers,

@@ -245,6 +245,10 @@ class Exchanger:
         # event loop's share (measured around each exchange, so it includes what else the
         # loop did meanwhile, little next to an exchange) plus the worker threads'.
         self.cpu_seconds = 0.0
+        # Weight payloads sent (exchanges and pull replies): what they weigh as float32 and
+        # what they weighed on the wire. Equal while payloads travel uncompressed.
+        self.raw_payload_bytes = 0
+        self.wire_payload_bytes = 0
         self.incompatible: dict[str, str] = {}  # addr or name -> why we stopped trying it
         # Robust mixing (gossip.screening): judges every delta before it is mixed, and
         # quarantines neighbours refused again and again. Keyed by advertised address.
@@ -419,10 +423,12 @@ class Exchanger:
                 await conn.send_produced(MsgType.EXCH_PAYLOAD, {}, self._snap, iter(pieces))
             finally:
                 pieces.close()
+            self._sent_payload(self._snap.nbytes)
             return stream
         await self._take_snapshot()
         stream = self._stream(conn)
         await conn.send(MsgType.EXCH_PAYLOAD, {}, [self._snap])
+        self._sent_payload(self._snap.nbytes)
         return stream
 
     async def _send_ours(self, conn: Connection) -> DeltaStream | CompressedStream:
@@ -439,7 +445,17 @@ class Exchanger:
 
         conn.watch_payload(progress)
         await conn.send(MsgType.EXCH_PAYLOAD, {}, [self.comp.sent])
+        self._sent_payload(self.comp.sent.nbytes)
         return stream
+
+    def _sent_payload(self, wire: int) -> None:
+        self.raw_payload_bytes += self.store.nbytes
+        self.wire_payload_bytes += wire
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw over wire bytes of the weight payloads sent so far (1.0 before any)."""
+        return self.raw_payload_bytes / self.wire_payload_bytes if self.wire_payload_bytes else 1.0
 
     async def _apply(self, addr: str, stream: DeltaStream | CompressedStream, frame: Frame) -> None:
         """Judge the delta ``addr`` sent (finite, plausible, screened) and mix it in."""
@@ -689,6 +705,7 @@ class Exchanger:
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]
             )
+        self._sent_payload(weights.nbytes)
 
     async def pull(self, addr: str) -> tuple[np.ndarray, int]:
         """Fetch ``addr``'s current weights and step (for a new or restarted peer)."""

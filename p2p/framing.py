@@ -56,6 +56,43 @@ class MsgType(enum.IntEnum):
     AUTH = 16  # the challenge-response of a connection's opening (p2p.secure)
 
 
+class Kind(enum.IntEnum):
+    """What a frame's bytes are spent on, for the byte counts (``transport.Stats``)."""
+
+    WEIGHTS = 0  # the weight exchange and the catch-up pull
+    MEMBERSHIP = 1  # SWIM
+    CONTROL = 2  # everything else: handshake, status, control commands, errors
+    # The records of a sealed connection, as the connection under it sees them. The sealed
+    # layer counts each record again under the kind of the frame it carries, so this slot
+    # is not one of the reported kinds: it is the sealed share of the totals.
+    SEALED = 3
+
+
+KINDS = ("weights", "membership", "control")  # the reported kinds, by Kind number
+_WEIGHT_TYPES = (
+    MsgType.EXCH_OFFER,
+    MsgType.EXCH_ACCEPT,
+    MsgType.EXCH_DECLINE,
+    MsgType.EXCH_PAYLOAD,
+    MsgType.PULL_REQ,
+    MsgType.PULL_REPLY,
+)
+
+
+def _kind_table() -> bytes:
+    table = bytearray([Kind.CONTROL]) * 256  # a type is a u8 on the wire
+    for t in _WEIGHT_TYPES:
+        table[t] = Kind.WEIGHTS
+    table[MsgType.SWIM] = Kind.MEMBERSHIP
+    table[MsgType.SEALED] = Kind.SEALED
+    return bytes(table)
+
+
+# The kind of each message type, indexed by type: the per-frame count is one lookup and
+# one add, nothing allocated.
+KIND_OF = _kind_table()
+
+
 class FrameError(Exception):
     """The byte stream broke the framing rules; the connection must be closed."""
 
@@ -112,6 +149,7 @@ class Frame:
     header: dict[str, Any]
     payload: memoryview = field(default_factory=lambda: memoryview(b""))
     pool: BufferPool | None = None
+    size: int = 0  # bytes it took on the wire: prefix, header and payload
 
     def release(self) -> None:
         """Hand the payload buffer back for reuse; the frame must not be used after."""
@@ -158,6 +196,10 @@ class Decoder:
     ``buffer_updated(n)`` reports how many were; ``feed(data)`` does both for callers that
     already hold bytes. Complete frames are collected in ``frames``.
 
+    ``counts``, when given, is a list indexed by ``Kind`` to which every byte consumed is
+    added under the kind of its frame, as it is consumed (a frame's prefix once it is whole):
+    its sum follows the bytes fed exactly, but for a prefix still incomplete.
+
     ``progress``, when set, is called as ``progress(frame_type, payload, filled)`` after each
     read that lands in a payload still being received, so its consumer can work on the
     first ``filled`` bytes while the rest arrives (gossip computes its delta that way).
@@ -165,9 +207,18 @@ class Decoder:
 
     progress: Callable[[int, memoryview, int], None] | None = None
 
-    def __init__(self, limits: Limits | None = None, pool: BufferPool | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        pool: BufferPool | None = None,
+        counts: list[int] | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.pool = pool
+        self.counts = counts if counts is not None else [0] * len(Kind)
+        # Kind of the frame being read, or of the last one read: after a sealed record is
+        # fed, the kind of the frame it carried.
+        self.kind: int = Kind.CONTROL
         self._pooled = False
         self.frames: list[Frame] = []
         self._scratch = memoryview(bytearray(_SCRATCH))
@@ -175,6 +226,7 @@ class Decoder:
         self._head_len = 0
         self._head = bytearray()
         self._type = 0
+        self._size = 0
         self._payload: memoryview | None = None
         self._got = 0
         self._direct = False
@@ -191,6 +243,7 @@ class Decoder:
     def buffer_updated(self, n: int) -> None:
         if self._direct:
             self._got += n
+            self.counts[self.kind] += n
             if self._payload is not None and self._got == self._payload.nbytes:
                 self._finish()
         else:
@@ -232,12 +285,14 @@ class Decoder:
                 take = min(end - pos, self._payload.nbytes - self._got)
                 self._payload[self._got : self._got + take] = data[pos : pos + take]
                 self._got += take
+                self.counts[self.kind] += take
                 pos += take
                 if self._got == self._payload.nbytes:
                     self._finish()
             elif self._head_len:
                 take = min(end - pos, self._head_len - len(self._head))
                 self._head += data[pos : pos + take]
+                self.counts[self.kind] += take
                 pos += take
                 if len(self._head) == self._head_len:
                     self._header_done()
@@ -260,7 +315,10 @@ class Decoder:
         if payload_len > self.limits.max_payload:
             raise FrameError(f"payload length {payload_len} over limit {self.limits.max_payload}")
         self._type, self._head_len, self._plen = mtype, head_len, payload_len
+        self._size = PREFIX.size + head_len + payload_len
         self._head = bytearray()
+        self.kind = KIND_OF[mtype]
+        self.counts[self.kind] += PREFIX.size
 
     def _header_done(self) -> None:
         try:
@@ -295,7 +353,7 @@ class Decoder:
     def _finish(self) -> None:
         assert self._payload is not None
         pool = self.pool if self._pooled else None
-        self.frames.append(Frame(self._type, self._header, self._payload, pool))
+        self.frames.append(Frame(self._type, self._header, self._payload, pool, self._size))
         self._payload, self._header, self._got, self._direct = None, {}, 0, False
 
 

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from .framing import Decoder, Frame, FrameError, Limits, encode
+from .framing import KIND_OF, Decoder, Frame, FrameError, Limits, encode
 from .transport import Connection, ConnectionClosed, Handler, Stats, Transport, TransportError
 
 
@@ -73,13 +73,15 @@ class MemoryNetwork:
 
 
 class MemoryConnection(Connection):
+    stats: Stats
+
     def __init__(self, net: MemoryNetwork, stats: Stats, local: str, peer: str) -> None:
         self.net = net
         self.stats = stats
         self.local = local
         self.peer = peer
         self.other: MemoryConnection | None = None
-        self._decoder = Decoder(net.limits)
+        self._decoder = Decoder(net.limits, counts=stats.received_by_kind)
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._pending: list[bytes] = []  # bytes held back by a fault
         self._closed = False
@@ -92,6 +94,7 @@ class MemoryConnection(Connection):
         data = b"".join(bytes(p) for p in encode(msg_type, header, segments))
         self.bytes_sent += len(data)
         self.stats.sent += len(data)
+        self.stats.sent_by_kind[KIND_OF[msg_type]] += len(data)
         if self.net.delay:
             await asyncio.sleep(self.net.delay)
         self.other._arrive(data)

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .framing import Decoder, Frame, FrameError, Limits, MsgType, encode, text
+from .framing import KIND_OF, Decoder, Frame, FrameError, Limits, MsgType, encode, text
 from .transport import Connection, TransportError
 
 MIN_SECRET = 16  # bytes
@@ -256,7 +256,13 @@ _COUNTER = struct.Struct("!4xQ")  # a 12-byte GCM nonce: the record's number
 class SealedConnection(Connection):
     """A connection whose every frame is sealed (AES-256-GCM records) with per-connection,
     per-direction keys. A record that fails authentication closes the connection at once;
-    nothing in it is parsed."""
+    nothing in it is parsed.
+
+    Bytes are counted as they go on the wire: the connection under this one counts records
+    as ``Kind.SEALED``, and this one counts each record (its framing included) again under
+    the kind of the frame it carries, in the same ``Stats``. A record never holds parts of
+    two frames, so the kind is that of the frame being read once the record is fed.
+    """
 
     def __init__(
         self, inner: Connection, send: AESGCM, recv: AESGCM, limits: Limits | None = None
@@ -301,8 +307,13 @@ class SealedConnection(Connection):
                 records.append(self._seal(view[start : start + RECORD]))
         if small:
             records.append(self._seal(small))
+        counts = self.inner.stats.sent_by_kind if self.inner.stats is not None else None
+        kind = KIND_OF[msg_type]
         for record in records:
+            before = self.inner.bytes_sent
             await self.inner.send(MsgType.SEALED, {}, [record])
+            if counts is not None:
+                counts[kind] += self.inner.bytes_sent - before
 
     async def recv(self) -> Frame:
         while not self._ready:
@@ -329,6 +340,8 @@ class SealedConnection(Connection):
             except FrameError as exc:
                 self.close()
                 raise TransportError(f"bad sealed frame: {exc}") from None
+            if self.inner.stats is not None:
+                self.inner.stats.received_by_kind[self._decoder.kind] += frame.size
         return self._ready.popleft()
 
     def close(self) -> None:

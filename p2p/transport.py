@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
-from .framing import BufferPool, Decoder, Frame, FrameError, Limits, encode
+from .framing import KIND_OF, KINDS, BufferPool, Decoder, Frame, FrameError, Kind, Limits, encode
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,26 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 class Stats:
-    """Bytes moved by every connection of one transport (framing overhead included)."""
+    """Bytes moved by every connection of one transport (framing overhead included).
+
+    ``sent`` and ``received`` are the totals; ``sent_by_kind`` and ``received_by_kind`` split
+    the same bytes by what they were spent on (indexed by ``framing.Kind``). The reported
+    kinds add up to the totals whenever no frame is half-way through (a received frame's
+    bytes are counted as they arrive, a sealed record's once it is opened).
+    """
 
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
+        self.sent_by_kind = [0] * len(Kind)
+        self.received_by_kind = [0] * len(Kind)
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        """``{"weights": {"sent": .., "received": ..}, "membership": .., "control": ..}``"""
+        return {
+            name: {"sent": self.sent_by_kind[k], "received": self.received_by_kind[k]}
+            for k, name in enumerate(KINDS)
+        }
 
 
 def describe(exc: OSError) -> str:
@@ -66,6 +81,9 @@ class Connection(ABC):
     peer: str
     bytes_sent: int = 0
     bytes_received: int = 0
+    # The transport's counts this connection adds to; a sealed connection over this one
+    # counts its records there under the kind they carry (p2p.secure).
+    stats: Stats | None = None
 
     @abstractmethod
     async def send(
@@ -150,7 +168,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     MAX_QUEUED = 64
 
     def __init__(self, limits: Limits, stats: Stats, pool: BufferPool | None = None) -> None:
-        self.decoder = Decoder(limits, pool)
+        self.decoder = Decoder(limits, pool, stats.received_by_kind)
         self.stats = stats
         self.frames: deque[Frame] = deque()
         self.transport: asyncio.Transport | None = None
@@ -240,6 +258,7 @@ class TcpConnection(Connection):
     def __init__(self, proto: _FrameProtocol, peer: str) -> None:
         self._proto = proto
         self.peer = peer
+        self.stats = proto.stats
 
     async def send(
         self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
@@ -252,6 +271,7 @@ class TcpConnection(Connection):
         n = sum(memoryview(p).nbytes for p in parts)
         self.bytes_sent += n
         self._proto.stats.sent += n
+        self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
         await self._proto.drain()
 
     async def send_produced(
@@ -279,6 +299,7 @@ class TcpConnection(Connection):
             raise ConnectionClosed(f"produced {sent} of {view.nbytes} payload bytes")
         self.bytes_sent += n
         self._proto.stats.sent += n
+        self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
         await self._proto.drain()
 
     async def recv(self) -> Frame:

@@ -310,6 +310,8 @@ class Peer:
             exchanges=self.agent.exchanger.exchanges,
             bytes_sent=self.transport.stats.sent,
             bytes_received=self.transport.stats.received,
+            bytes=self.transport.stats.by_kind(),
+            compression_ratio=round(self.agent.exchanger.compression_ratio, 4),
             alive=self.agent.alive_count(),
             checkpoint=self._last_checkpoint(),
         )
@@ -347,6 +349,12 @@ class Peer:
             "refused_callers": a.node.refused_callers,
             "bytes_sent": self.transport.stats.sent,
             "bytes_received": self.transport.stats.received,
+            "bytes": self.transport.stats.by_kind(),
+            "compression_ratio": round(a.exchanger.compression_ratio, 4),
+            "payload_bytes": {
+                "raw": a.exchanger.raw_payload_bytes,
+                "wire": a.exchanger.wire_payload_bytes,
+            },
             "wall_seconds": round(time.monotonic() - self.t0, 3),
             "exchange_seconds": round(a.exchange_seconds, 3),
             "gossip_cpu_seconds": round(a.exchanger.cpu_seconds, 3),

@@ -10,6 +10,22 @@ from conftest import ROOT, cli
 pytestmark = pytest.mark.real
 
 
+def assert_bytes_by_kind(p):
+    """A peer's bytes by kind: weights outweigh membership, which is not nothing, and the
+    kinds add up to the totals. Received, a sealed record (the run has a secret) counts
+    under its kind once it is opened, so a frame still in flight when the peer wrote its
+    record may be missing from the kinds: a few records at most."""
+    kinds = p["bytes"]
+    assert set(kinds) == {"weights", "membership", "control"}, kinds
+    both = {k: v["sent"] + v["received"] for k, v in kinds.items()}
+    assert both["weights"] > both["membership"] > 0 and both["control"] > 0, kinds
+    assert sum(v["sent"] for v in kinds.values()) == p["bytes_sent"], p
+    missing = p["bytes_received"] - sum(v["received"] for v in kinds.values())
+    assert 0 <= missing <= 4 << 20, p
+    assert p["compression_ratio"] == 1.0
+    assert p["payload_bytes"]["raw"] == p["payload_bytes"]["wire"] > 0
+
+
 def test_local_peers_train_and_agree(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -40,6 +56,9 @@ def test_local_peers_train_and_agree(tmp_path):
         assert p["test_accuracy"] >= 0.88, p
         assert p["exchanges"] > 0 and p["bytes_sent"] > 0 and p["bytes_received"] > 0
         assert p["steps"] == 3 * 125  # ceil(4000 / 32) per epoch
+        assert_bytes_by_kind(p)
+    assert summary["bytes"]["weights"]["sent"] == sum(p["bytes"]["weights"]["sent"] for p in peers)
+    assert summary["compression_ratio"] == 1.0
     assert summary["consensus_test_accuracy"] >= 0.88
     assert (run_dir / "consensus.pt").is_file() and (run_dir / "consensus.json").is_file()
     kinds = {e["kind"] for e in summary["events"]}

@@ -1,7 +1,10 @@
 """Failure injection without a network: faults checked against the target, the robustness report."""
 
+from pathlib import Path
+
 import pytest
 
+from p2p.framing import KINDS
 from trainer.chaos.driver import check_target
 from trainer.chaos.report import Views, analyse_faults, first_time, stall, training_intervals
 from trainer.chaos.scenario import Action, ScenarioError
@@ -126,3 +129,37 @@ def test_the_report_shows_who_was_poisoned_when_and_what_the_others_refused():
     assert "| c | 1.0-end zero | 0 | 0 | 0 |" in text
     assert "| 2.5 | a | c | 10.00 | far |" in text
     assert render_poisoning(poisoning({"peers": [peer("a", 0.9)], "events": []})) == []
+
+
+def test_bytes_by_kind_are_added_up_over_peers_and_tabled(capsys):
+    from trainer.chaos.report import render_traffic, traffic
+    from trainer.launch.local import print_table
+    from trainer.launch.summary import share, total_bytes
+
+    def kinds(w, m, c):
+        return {k: {"sent": v, "received": v // 2} for k, v in zip(KINDS, (w, m, c), strict=True)}
+
+    peers = [
+        {"name": "a", "bytes": kinds(8_000_000, 30_000, 2_000)},
+        {"name": "b", "bytes": kinds(4_000_000, 10_000, 0)},
+        {"name": "c", "bytes": None},  # killed before its first progress event
+    ]
+    total = total_bytes(peers)
+    assert total == kinds(12_000_000, 40_000, 2_000)
+    assert share(peers[0]["bytes"]) == 8_000_000 / 8_032_000 and share(None) is None
+    assert total_bytes([{"name": "old run", "bytes_sent": 1}]) is None
+    summary = {"peers": peers, "bytes": total, "compression_ratio": 1.0}
+    text = "\n".join(render_traffic(traffic(summary)))
+    assert "| peer | weights | membership | control |" in text
+    assert "| a | 8.000 / 4.000 | 0.030 / 0.015 | 0.002 / 0.001 |" in text
+    assert "| c | - | - | - |" in text and "| **all** | 12.000 / 6.000 |" in text
+    assert render_traffic(traffic({"peers": peers})) == []
+
+    for p in peers:
+        p.update(status="finished", steps=1, exchanges=1, wall_seconds=1.0,
+                 bytes_sent=1, bytes_received=1)  # fmt: skip
+    print_table({**summary, "wall_seconds": 1.0}, Path("run"))
+    out = capsys.readouterr().out
+    assert "wts% memb KB" in out.splitlines()[0]
+    assert "  99.6    45.0" in out.splitlines()[1]  # a: weights' share out, membership KB
+    assert "sent by kind: weights 12.00 MB, membership 40.0 KB, control 2.0 KB" in out

@@ -4,7 +4,17 @@ import msgpack
 import numpy as np
 import pytest
 
-from p2p.framing import MAGIC, PREFIX, Decoder, FrameError, Limits, MsgType, encode_bytes
+from p2p.framing import (
+    KIND_OF,
+    MAGIC,
+    PREFIX,
+    Decoder,
+    FrameError,
+    Kind,
+    Limits,
+    MsgType,
+    encode_bytes,
+)
 
 
 def test_round_trip_with_segments_fed_byte_by_byte():
@@ -54,6 +64,45 @@ def receive_buffered(dec: Decoder, data: memoryview, most: int) -> None:
         buf[:n] = data[pos : pos + n]
         dec.buffer_updated(n)
         pos += n
+
+
+def test_message_types_have_the_kinds_their_bytes_are_counted_under():
+    weights = {t for t in MsgType if KIND_OF[t] == Kind.WEIGHTS}
+    assert weights == {
+        MsgType.EXCH_OFFER,
+        MsgType.EXCH_ACCEPT,
+        MsgType.EXCH_DECLINE,
+        MsgType.EXCH_PAYLOAD,
+        MsgType.PULL_REQ,
+        MsgType.PULL_REPLY,
+    }
+    assert KIND_OF[MsgType.SWIM] == Kind.MEMBERSHIP and KIND_OF[MsgType.SEALED] == Kind.SEALED
+    assert KIND_OF[MsgType.HELLO] == KIND_OF[MsgType.AUTH] == KIND_OF[MsgType.ERROR] == Kind.CONTROL
+    assert KIND_OF[200] == Kind.CONTROL  # a type no build knows
+
+
+def test_decoder_counts_every_byte_under_its_frame_s_kind_however_it_is_split():
+    payload = encode_bytes(MsgType.EXCH_PAYLOAD, {}, [np.zeros(100_000, np.float32)])
+    ping = encode_bytes(MsgType.SWIM, {"t": "ping"})
+    hello = encode_bytes(MsgType.HELLO, {"versions": [1]})
+    data = payload + ping + hello
+    rng = random.Random(3)
+    for _ in range(20):
+        counts = [0] * len(Kind)
+        dec = Decoder(counts=counts)
+        frames, pos = [], 0
+        while pos < len(data):
+            n = rng.randint(1, 70_000)
+            if rng.random() < 0.5:  # the BufferedProtocol path, straight into the payload
+                buf = dec.get_buffer()
+                n = min(n, buf.nbytes, len(data) - pos)
+                buf[:n] = data[pos : pos + n]
+                dec.buffer_updated(n)
+            else:
+                frames += dec.feed(data[pos : pos + n])
+            pos += n
+        assert counts == [len(payload), len(ping), len(hello), 0]
+        assert [f.size for f in frames + dec.frames] == [len(payload), len(ping), len(hello)]
 
 
 def test_buffered_protocol_path_writes_into_payload_directly():

@@ -534,6 +534,7 @@ def build_report(
     inv = invariants(run_dir, summary, epsilon)
     return {
         "poisoning": poisoning(summary),
+        "bytes": traffic(summary),
         "run_dir": str(run_dir),
         "baseline_dir": str(baseline) if baseline else None,
         "network": summary.get("network"),
@@ -543,6 +544,42 @@ def build_report(
         "invariants": inv,
         "invariants_ok": all(v["ok"] for v in inv.values()),
     }
+
+
+def traffic(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Each peer's bytes by kind and the run's, from summary.json (None: an older run)."""
+    if not summary.get("bytes"):
+        return None
+    return {
+        "peers": [{"name": p["name"], "bytes": p.get("bytes")} for p in summary["peers"]],
+        "total": summary["bytes"],
+        "compression_ratio": summary.get("compression_ratio"),
+    }
+
+
+def render_traffic(t: dict[str, Any] | None) -> list[str]:
+    """The report's small table of bytes by kind, in MB out / in ([] for an older run)."""
+    if not t:
+        return []
+    kinds = list(t["total"])
+    lines = [
+        "## Bytes by kind",
+        "",
+        "MB sent / received, framing included (sealed: the records on the wire). Weight "
+        f"payloads compressed {_fmt(t['compression_ratio'] or 1.0)}x.",
+        "",
+        "| peer | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for row in [*t["peers"], {"name": "**all**", "bytes": t["total"]}]:
+        got = row["bytes"] or {}
+        cells = [
+            f"{got[k]['sent'] / 1e6:.3f} / {got[k]['received'] / 1e6:.3f}" if k in got else "-"
+            for k in kinds
+        ]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _fmt(x: Any) -> str:
@@ -614,6 +651,7 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     lines += render_poisoning(report.get("poisoning"))
+    lines += render_traffic(report.get("bytes"))
     lines += [
         "## Invariants",
         "",

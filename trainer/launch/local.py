@@ -571,9 +571,11 @@ class LocalRun:
                 self._draw()
 
     def _rows(self) -> list[str]:
+        # wts%: the share of this peer's bytes out that carried weights (the rest is
+        # membership and control: the overhead a slow link pays for).
         rows = [
             f"{'peer':<8} {'status':<9} {'step':>13} {'loss':>7} {'exch':>5} {'alive':>5} "
-            f"{'MB out':>7}"
+            f"{'MB out':>7} {'wts%':>5}"
         ]
         for c in self.children:
             ev = c.last
@@ -583,7 +585,8 @@ class LocalRun:
                 f"{c.name:<8} {c.status:<9} {step:>13} "
                 f"{(f'{loss:.3f}' if isinstance(loss, float) else '-'):>7} "
                 f"{ev.get('exchanges', 0):>5} {ev.get('alive', 0):>5} "
-                f"{ev.get('bytes_sent', 0) / 1e6:>7.1f}"
+                f"{ev.get('bytes_sent', 0) / 1e6:>7.1f} "
+                f"{_percent(run_summary.share(ev.get('bytes')))}"
             )
         return rows
 
@@ -631,14 +634,42 @@ def network_mode(args: argparse.Namespace, scenario: Scenario) -> str:
     return "loopback"
 
 
+def _percent(x: float | None) -> str:
+    """A share in a 5-wide cell, to a tenth of a percent: on a fast link membership and
+    control are a fraction of a percent, and "100" would hide them."""
+    return f"{'-' if x is None else format(100 * x, '.1f'):>5}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _kb(kinds: dict[str, dict[str, int]] | None, kind: str) -> str:
+    """``kind``'s kilobytes both ways, in a 7-wide cell."""
+    way = (kinds or {}).get(kind)
+    kb = None if way is None else (way["sent"] + way["received"]) / 1e3
+    return f"{'-' if kb is None else format(kb, '.1f'):>7}"
+
+
+def traffic_line(summary: dict[str, Any]) -> str | None:
+    """The run's bytes by kind, sent by all peers, and the payloads' compression."""
+    total = summary.get("bytes")
+    if not total:
+        return None
+    kinds = ", ".join(f"{kind} {_size(way['sent'])}" for kind, way in total.items())
+    ratio = summary.get("compression_ratio")
+    return f"sent by kind: {kinds}; weight payloads compressed {ratio or 1.0:.2f}x"
+
+
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
-    """Each peer's headline metric (the first its task reports), steps, exchanges, traffic."""
+    """Each peer's headline metric (the first its task reports), steps, exchanges, traffic
+    (wts%: the share of its bytes out that carried weights; memb KB: membership both ways)."""
     found = [p["metrics"] for p in summary["peers"] if p.get("metrics")]
     key = next(iter(found[0])) if found else None
     label = (key or "metric")[:10]
     print(
         f"{'peer':<8} {'status':<9} {label:>10} {'steps':>6} {'exch':>5} {'MB out':>7} "
-        f"{'MB in':>7} {'seconds':>7}"
+        f"{'MB in':>7} {'wts%':>5} {'memb KB':>7} {'seconds':>7}"
     )
     for p in summary["peers"]:
         value = (p.get("metrics") or {}).get(key) if key else None
@@ -646,8 +677,13 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
             f"{p['name']:<8} {p['status']:<9} "
             f"{(f'{value:.4f}' if value is not None else '-'):>10} {p['steps'] or 0:>6} "
             f"{p['exchanges'] or 0:>5} {(p['bytes_sent'] or 0) / 1e6:>7.1f} "
-            f"{(p['bytes_received'] or 0) / 1e6:>7.1f} {p['wall_seconds'] or 0:>7.1f}"
+            f"{(p['bytes_received'] or 0) / 1e6:>7.1f} "
+            f"{_percent(run_summary.share(p.get('bytes')))} {_kb(p.get('bytes'), 'membership')} "
+            f"{p['wall_seconds'] or 0:>7.1f}"
         )
+    traffic = traffic_line(summary)
+    if traffic:
+        print(traffic)
     cons = summary.get("consensus_metrics") or {}
     if summary.get("consensus_model"):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in cons.items()) or "not evaluated"

@@ -96,6 +96,9 @@ def peer_record(
         "exchanges": r.get("exchanges", latest("exchanges")),
         "bytes_sent": r.get("bytes_sent", latest("bytes_sent")),
         "bytes_received": r.get("bytes_received", latest("bytes_received")),
+        "bytes": r.get("bytes", latest("bytes")),
+        "compression_ratio": r.get("compression_ratio", latest("compression_ratio")),
+        "payload_bytes": r.get("payload_bytes"),
         "wall_seconds": r.get("wall_seconds"),
         "linger_seconds": r.get("linger_seconds"),
         "final_model": r.get("final_model"),
@@ -108,6 +111,35 @@ def peer_record(
     if err is not None:
         record["error"] = err
     return record
+
+
+def total_bytes(peers: list[dict[str, Any]]) -> dict[str, dict[str, int]] | None:
+    """The peers' bytes by kind, added up (None when no peer reported them: an older run)."""
+    reported = [p["bytes"] for p in peers if isinstance(p.get("bytes"), dict)]
+    if not reported:
+        return None
+    total: dict[str, dict[str, int]] = {}
+    for kinds in reported:
+        for kind, ways in kinds.items():
+            into = total.setdefault(kind, {"sent": 0, "received": 0})
+            for way in into:
+                into[way] += int(ways.get(way) or 0)
+    return total
+
+
+def share(kinds: dict[str, dict[str, int]] | None, kind: str = "weights") -> float | None:
+    """What fraction of the bytes sent went to ``kind`` (None without counts or traffic)."""
+    if not kinds:
+        return None
+    sent = sum(int(w.get("sent") or 0) for w in kinds.values())
+    return int((kinds.get(kind) or {}).get("sent") or 0) / sent if sent else None
+
+
+def _run_compression(peers: list[dict[str, Any]]) -> float | None:
+    """Raw over wire bytes of every weight payload the peers sent (the run's ratio)."""
+    sizes = [p["payload_bytes"] for p in peers if isinstance(p.get("payload_bytes"), dict)]
+    wire = sum(int(s.get("wire") or 0) for s in sizes)
+    return round(sum(int(s.get("raw") or 0) for s in sizes) / wire, 4) if wire else None
 
 
 def _peer_dirs(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]]:
@@ -186,6 +218,8 @@ def build(run_dir: str | Path, wall: float | None = None, consensus: bool = True
         "consensus_model": str(cons_path) if finished and consensus else None,
         "config": run.get("config", {}),
         "peers": peers,
+        "bytes": total_bytes(peers),
+        "compression_ratio": _run_compression(peers),
         "network": run.get("network", {"mode": "loopback"}),
         "chaos": run.get("chaos"),
         "events": sorted((relative(e) for e in timeline), key=lambda e: e["t"]),

@@ -254,11 +254,33 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             await self._drain
 
 
+# Bytes handed to the socket at a time. A write the kernel cannot take at once is copied
+# into the event loop's buffer: written whole, a 40 MB payload to a slow reader meant a
+# second 40 MB copy; in pieces, at most one piece waits there while we wait for it to drain.
+WRITE_PIECE = 1 << 20
+
+
+def _bytes_view(part: Any) -> memoryview:
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 class TcpConnection(Connection):
     def __init__(self, proto: _FrameProtocol, peer: str) -> None:
         self._proto = proto
         self.peer = peer
         self.stats = proto.stats
+        # A frame goes out in pieces with waits between them: one sender at a time, or two
+        # frames' pieces would interleave.
+        self._sending = asyncio.Lock()
+
+    async def _write_rest(self, tr: asyncio.Transport, view: memoryview, start: int = 0) -> None:
+        for at in range(start, view.nbytes, WRITE_PIECE):
+            tr.write(view[at : at + WRITE_PIECE])
+            if tr.get_write_buffer_size() > 0:
+                await self._proto.drain()
+            if tr.is_closing() or self._proto.closed_exc is not None:
+                raise ConnectionClosed(f"connection to {self.peer} closed while sending")
 
     async def send(
         self, msg_type: int, header: dict[str, Any] | None = None, segments: Sequence[Any] = ()
@@ -267,12 +289,21 @@ class TcpConnection(Connection):
         if tr is None or tr.is_closing() or self._proto.closed_exc is not None:
             raise ConnectionClosed(f"connection to {self.peer} is closed")
         parts = encode(msg_type, header, segments)
-        tr.writelines(parts)
         n = sum(memoryview(p).nbytes for p in parts)
-        self.bytes_sent += n
-        self._proto.stats.sent += n
-        self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
-        await self._proto.drain()
+        async with self._sending:
+            if n <= WRITE_PIECE:
+                tr.writelines(parts)
+            else:
+                try:
+                    for part in parts:
+                        await self._write_rest(tr, _bytes_view(part))
+                except BaseException:
+                    tr.abort()  # part of a frame is out: the stream cannot be resumed
+                    raise
+            self.bytes_sent += n
+            self._proto.stats.sent += n
+            self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
+            await self._proto.drain()
 
     async def send_produced(
         self, msg_type: int, header: dict[str, Any], buffer: Any, produce: Iterator[int]
@@ -282,25 +313,34 @@ class TcpConnection(Connection):
             raise ConnectionClosed(f"connection to {self.peer} is closed")
         head, view = encode(msg_type, header, [buffer])
         n = len(head) + view.nbytes
-        tr.write(head)
-        sent = 0
-        try:
-            for ready in produce:
-                if ready > sent:
-                    tr.write(view[sent:ready])  # out while the next stretch is produced
-                    sent = ready
-        except BaseException:
-            tr.abort()  # part of a frame is out: the stream cannot be resumed
-            raise
-        finally:
-            _close(produce)
-        if sent != view.nbytes:
-            tr.abort()  # the frame's length is promised; a short frame must not go out
-            raise ConnectionClosed(f"produced {sent} of {view.nbytes} payload bytes")
-        self.bytes_sent += n
-        self._proto.stats.sent += n
-        self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
-        await self._proto.drain()
+        async with self._sending:
+            tr.write(head)
+            sent = produced = 0
+            try:
+                for ready in produce:
+                    produced = ready
+                    # Out while the next stretch is produced, as long as the kernel keeps
+                    # up; what it cannot take yet stays in ``buffer`` and goes below.
+                    if ready > sent and tr.get_write_buffer_size() <= WRITE_PIECE:
+                        tr.write(view[sent:ready])
+                        sent = ready
+            except BaseException:
+                tr.abort()  # part of a frame is out: the stream cannot be resumed
+                raise
+            finally:
+                _close(produce)
+            if produced != view.nbytes:
+                tr.abort()  # the frame's length is promised; a short frame must not go out
+                raise ConnectionClosed(f"produced {produced} of {view.nbytes} payload bytes")
+            try:
+                await self._write_rest(tr, view, sent)
+            except BaseException:
+                tr.abort()
+                raise
+            self.bytes_sent += n
+            self._proto.stats.sent += n
+            self._proto.stats.sent_by_kind[KIND_OF[msg_type]] += n
+            await self._proto.drain()
 
     async def recv(self) -> Frame:
         frame = await self._proto.next_frame()

@@ -69,6 +69,26 @@ def parse_rate(rate: str) -> float:
     return float(m.group(1)) * RATE_UNITS[m.group(2)]
 
 
+# tbf's bucket: this many seconds of the rate, and at least MIN_BURST bytes. The kernel
+# refills it from an hrtimer, so it need not hold a whole timer tick, but it must hold a few
+# full-size frames (a smaller one drops every packet larger than it) and a GSO packet that
+# does not fit is split into segments first. 20 ms of the rate lets a link send short bursts
+# at line speed (25 kB at 10mbit) without changing its average rate.
+BURST_SECONDS = 0.02
+MIN_BURST = 16 * 1024
+
+
+def tbf_args(rate: str, latency: str) -> list[str]:
+    """``tc qdisc replace dev DEV`` arguments of a tbf cap: ``root tbf rate R burst B latency L``.
+
+    ``latency`` bounds how long a packet waits for tokens: the queue holds rate x latency
+    bytes plus the bucket, and a packet beyond that is dropped, which TCP takes as
+    congestion and slows down for, as it does on a thin link. ValueError for a bad rate.
+    """
+    burst = max(MIN_BURST, int(parse_rate(rate) * BURST_SECONDS))
+    return ["root", "tbf", "rate", rate, "burst", str(burst), "latency", latency]
+
+
 def state_dir() -> Path:
     """Where runs record who owns which names (root: /run; otherwise the temp folder)."""
     base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
@@ -273,10 +293,10 @@ class NamespaceNet(FaultNet):
         run_cmd("ip", "link", "set", self.host_link(i), "up")
 
     def cap(self, index: int, rate: str) -> None:
-        rate_bytes = parse_rate(rate)
-        # tbf needs a bucket of at least one timer tick's worth of bytes and one packet.
-        burst = str(max(16 * 1024, int(rate_bytes / 50)))
-        tbf = ["root", "tbf", "rate", rate, "burst", burst, "latency", self.config.tbf_latency]
+        """A tbf on the egress of both ends of peer ``index``'s veth pair: inside its
+        namespace (what it sends) and on the host end (what it receives), so the link is
+        capped at ``rate`` in each direction. ``uncap`` (or ``close``) removes it."""
+        tbf = tbf_args(rate, self.config.tbf_latency)
         run_cmd("tc", "qdisc", "replace", "dev", self.host_link(index), *tbf)
         inside = ["ip", "netns", "exec", self.ns(index)]
         run_cmd(*inside, "tc", "qdisc", "replace", "dev", "eth0", *tbf)
@@ -285,6 +305,19 @@ class NamespaceNet(FaultNet):
         run_cmd("tc", "qdisc", "del", "dev", self.host_link(index), "root", check=False)
         inside = ["ip", "netns", "exec", self.ns(index)]
         run_cmd(*inside, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+    def link_bytes(self, index: int) -> tuple[int, int] | None:
+        """(sent, received) bytes of peer ``index``'s link so far: the kernel's counters of
+        the host end of its veth pair (what the host end receives, the peer sent), so they
+        can be read from the root namespace while the peer runs. Every frame counts (IP and
+        TCP headers, ARP); a GSO packet counts its headers once. None once the link is gone."""
+        stats = Path("/sys/class/net") / self.host_link(index) / "statistics"
+        try:
+            rx = int((stats / "rx_bytes").read_text())
+            tx = int((stats / "tx_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+        return rx, tx
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:

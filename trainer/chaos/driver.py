@@ -307,6 +307,12 @@ def add_local_args(p: Any) -> None:
         help="kernel setting inside every peer's namespace, e.g. net.ipv4.tcp_retries2=5",
     )
     g.add_argument(
+        "--netns-rate",
+        metavar="RATE",
+        help="with --netns, cap every peer's link at RATE (a tc rate: 10mbit, 100mbit) in "
+        "each direction from the start, with tc tbf on both ends of its veth pair",
+    )
+    g.add_argument(
         "--proxy",
         action="store_true",
         help="route peer traffic through the fault-injecting TCP proxy (the default for "

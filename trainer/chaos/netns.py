@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -42,6 +43,8 @@ PREFIX_ROOT = "gt-"
 # Names look like gt-<pid>-p3 (namespace), gt-<pid>-h3 (host end of peer 3's veth),
 # gt-<pid>-br (the bridge), gt-<pid>-g1 (the bridge of partition group 1).
 NAME_RE = re.compile(r"^gt-(\d+)-([a-z]+\d*)$")
+# Per-namespace files that `ip netns exec` mounts over /etc (here: hosts).
+ETC_NETNS = Path("/etc/netns")
 # Linux interface names hold at most 15 characters: gt-4194303-h999 is 15.
 MAX_IFNAME = 15
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)$")
@@ -67,6 +70,26 @@ def parse_rate(rate: str) -> float:
     if m is None or float(m.group(1)) <= 0:
         raise ValueError(f"bad rate {rate!r}: expected a number and a unit like 10mbit or 2mbps")
     return float(m.group(1)) * RATE_UNITS[m.group(2)]
+
+
+# tbf's bucket: this many seconds of the rate, and at least MIN_BURST bytes. The kernel
+# refills it from an hrtimer, so it need not hold a whole timer tick, but it must hold a few
+# full-size frames (a smaller one drops every packet larger than it) and a GSO packet that
+# does not fit is split into segments first. 20 ms of the rate lets a link send short bursts
+# at line speed (25 kB at 10mbit) without changing its average rate.
+BURST_SECONDS = 0.02
+MIN_BURST = 16 * 1024
+
+
+def tbf_args(rate: str, latency: str) -> list[str]:
+    """``tc qdisc replace dev DEV`` arguments of a tbf cap: ``root tbf rate R burst B latency L``.
+
+    ``latency`` bounds how long a packet waits for tokens: the queue holds rate x latency
+    bytes plus the bucket, and a packet beyond that is dropped, which TCP takes as
+    congestion and slows down for, as it does on a thin link. ValueError for a bad rate.
+    """
+    burst = max(MIN_BURST, int(parse_rate(rate) * BURST_SECONDS))
+    return ["root", "tbf", "rate", rate, "burst", str(burst), "latency", latency]
 
 
 def state_dir() -> Path:
@@ -209,6 +232,7 @@ class NamespaceNet(FaultNet):
                 self._make_bridge(0, self.host_ip)
                 for i in range(self.n):
                     self._make_host(i)
+                self._write_hosts()
             except BaseException:
                 self.close()
                 raise
@@ -239,6 +263,25 @@ class NamespaceNet(FaultNet):
         run_cmd("ip", "-n", ns, "route", "add", "default", "via", self.host_ip)
         for setting in self.config.sysctls:
             run_cmd("ip", "netns", "exec", ns, "sysctl", "-q", "-w", setting)
+
+    def _write_hosts(self) -> None:
+        """/etc/netns/<ns>/hosts (``ip netns exec`` mounts it over /etc/hosts): the host's
+        own entries and every peer of the run by its namespace name. Without it a reverse
+        lookup of a peer's address (torch's TCPStore makes one per connection) asks the
+        host's DNS server, which a namespace cannot reach: 10 s until it gives up."""
+        try:
+            base = Path("/etc/hosts").read_text()
+        except OSError:
+            base = "127.0.0.1 localhost\n"
+        names = [(self.ip(j), self.ns(j)) for j in range(self.n)]
+        names.append((self.host_ip, f"{self.prefix}host"))
+        # A dual-stack server (TCPStore's) sees IPv4 callers as ::ffff:a.b.c.d.
+        lines = [f"{ip} {name}" for ip, name in names] + [f"::ffff:{ip} {n}" for ip, n in names]
+        text = base.rstrip("\n") + f"\n# gossip-train run {self.owner}\n" + "\n".join(lines) + "\n"
+        for i in range(self.n):
+            folder = ETC_NETNS / self.ns(i)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "hosts").write_text(text)
 
     # -- faults ------------------------------------------------------------------------------
     def partition(self, groups: list[list[int]]) -> None:
@@ -273,10 +316,10 @@ class NamespaceNet(FaultNet):
         run_cmd("ip", "link", "set", self.host_link(i), "up")
 
     def cap(self, index: int, rate: str) -> None:
-        rate_bytes = parse_rate(rate)
-        # tbf needs a bucket of at least one timer tick's worth of bytes and one packet.
-        burst = str(max(16 * 1024, int(rate_bytes / 50)))
-        tbf = ["root", "tbf", "rate", rate, "burst", burst, "latency", self.config.tbf_latency]
+        """A tbf on the egress of both ends of peer ``index``'s veth pair: inside its
+        namespace (what it sends) and on the host end (what it receives), so the link is
+        capped at ``rate`` in each direction. ``uncap`` (or ``close``) removes it."""
+        tbf = tbf_args(rate, self.config.tbf_latency)
         run_cmd("tc", "qdisc", "replace", "dev", self.host_link(index), *tbf)
         inside = ["ip", "netns", "exec", self.ns(index)]
         run_cmd(*inside, "tc", "qdisc", "replace", "dev", "eth0", *tbf)
@@ -285,6 +328,19 @@ class NamespaceNet(FaultNet):
         run_cmd("tc", "qdisc", "del", "dev", self.host_link(index), "root", check=False)
         inside = ["ip", "netns", "exec", self.ns(index)]
         run_cmd(*inside, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+    def link_bytes(self, index: int) -> tuple[int, int] | None:
+        """(sent, received) bytes of peer ``index``'s link so far: the kernel's counters of
+        the host end of its veth pair (what the host end receives, the peer sent), so they
+        can be read from the root namespace while the peer runs. Every frame counts (IP and
+        TCP headers, ARP); a GSO packet counts its headers once. None once the link is gone."""
+        stats = Path("/sys/class/net") / self.host_link(index) / "statistics"
+        try:
+            rx = int((stats / "rx_bytes").read_text())
+            tx = int((stats / "tx_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+        return rx, tx
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -340,7 +396,8 @@ def _free_subnet() -> str:
 
 
 def owned_names() -> dict[int, dict[str, list[str]]]:
-    """Every namespace and link named by the gt-<pid>- scheme, by owner pid."""
+    """Every namespace, link and /etc/netns folder named by the gt-<pid>- scheme, by owner
+    pid ("ns", "links" and, where there are any, "etc")."""
     out: dict[int, dict[str, list[str]]] = {}
     for line in run_cmd("ip", "netns", "list", check=False).splitlines():
         name = line.split()[0] if line.split() else ""
@@ -353,6 +410,12 @@ def owned_names() -> dict[int, dict[str, list[str]]]:
         m = NAME_RE.match(name)
         if m:
             out.setdefault(int(m.group(1)), {"ns": [], "links": []})["links"].append(name)
+    with contextlib.suppress(OSError):
+        for entry in ETC_NETNS.iterdir():
+            m = NAME_RE.match(entry.name)
+            if m:
+                out.setdefault(int(m.group(1)), {"ns": [], "links": []})
+                out[int(m.group(1))].setdefault("etc", []).append(entry.name)
     return out
 
 
@@ -378,6 +441,8 @@ def remove_owned(pid: int) -> list[str]:
     # later; delete the host ends explicitly so nothing is left when we return.
     for link in sorted(names["links"], key=lambda x: x.endswith("br")):
         run_cmd("ip", "link", "del", link, check=False)
+    for folder in names.get("etc", []):
+        shutil.rmtree(ETC_NETNS / folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         (state_dir() / f"{PREFIX_ROOT}{pid}-owner.json").unlink()
     removed = names["ns"] + names["links"]

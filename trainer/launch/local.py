@@ -5,10 +5,10 @@ speaking real TCP on loopback. The launcher only starts them, reads the JSON eve
 print, shows progress, and at the end builds the consensus model from their final weights.
 
 With ``--netns`` every peer is a host of its own: a network namespace with its own IP
-address on a bridge (``trainer.chaos.netns``). With ``--chaos`` / ``--fault`` / ``--random``
-the launcher also injects faults (``trainer.chaos``), through the namespaces or, without
-them, through a TCP proxy in this process; afterwards it writes the robustness report
-(``trainer.chaos.report``).
+address on a bridge (``trainer.chaos.netns``), its link capped with ``--netns-rate``. With
+``--chaos`` / ``--fault`` / ``--random`` the launcher also injects faults (``trainer.chaos``),
+through the namespaces or, without them, through a TCP proxy in this process; afterwards it
+writes the robustness report (``trainer.chaos.report``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from gossip.events import EventFile
 from p2p.secure import Keyring, write_secret
 
 from ..chaos.driver import Driver, check_target
-from ..chaos.netns import FaultNet, NamespaceNet, NetError, NetnsConfig, netns_available
+from ..chaos.netns import (
+    FaultNet,
+    NamespaceNet,
+    NetError,
+    NetnsConfig,
+    netns_available,
+    parse_rate,
+)
 from ..chaos.proxy import ProxyNet
 from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_from_flags
 from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
@@ -144,6 +151,8 @@ class LocalRun:
         self.scenario = load_chaos(args)
         self.actions: list[Action] = plan(self.scenario, names, args.chaos_seed)
         self.mode = network_mode(args, self.scenario)
+        if getattr(args, "netns_rate", None) and self.mode != "netns":
+            raise ValueError("--netns-rate needs --netns (each peer's link is a veth pair)")
         args.allow_control = bool(self.actions) or getattr(args, "allow_control", False)
         if self.actions and args.linger is None:
             # Faults make peers finish at different times (a restarted peer redoes the
@@ -186,10 +195,19 @@ class LocalRun:
         if not ok:
             raise NetError(f"--netns: {why}")
         sysctls = tuple(getattr(self.args, "netns_sysctl", None) or ())
+        rate = getattr(self.args, "netns_rate", None)
+        if rate:
+            try:
+                parse_rate(rate)
+            except ValueError as exc:
+                raise NetError(f"--netns-rate: {exc}") from None
         net = NamespaceNet(len(self.children), NetnsConfig(sysctls=sysctls))
         self.net = net
         net.guard()
         net.create()
+        if rate:
+            for c in self.children:  # before any peer starts: every byte crosses the cap
+                net.cap(c.index, rate)
         port = self.args.base_port or NETNS_PORT
         for c in self.children:
             c.addr = c.control = f"{net.ip(c.index)}:{port}"

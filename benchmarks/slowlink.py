@@ -116,7 +116,20 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "int8": ("--compress", "int8"),
     "outer": OUTER,
     "outer+int8": (*OUTER, "--compress", "int8"),
-}
+    # Variants of the outer optimizer (one outer step per H inner steps).
+    "outer250+int8": (
+        "--outer-steps", "250", "--outer-lr", "0.7", "--outer-momentum", "0.9",
+        "--compress", "int8",
+    ),
+    "avg500+int8": (
+        "--outer-steps", "500", "--outer-lr", "1.0", "--outer-momentum", "0",
+        "--compress", "int8",
+    ),
+    "avg250+int8": (
+        "--outer-steps", "250", "--outer-lr", "1.0", "--outer-momentum", "0",
+        "--compress", "int8",
+    ),
+}  # fmt: skip
 LINKS = (UNLIMITED, "100mbit", "10mbit")
 QUICK_LINKS, QUICK_DDP_LINKS = (UNLIMITED, "10mbit"), ("10mbit",)
 
@@ -242,7 +255,7 @@ def make_tasks(quick: bool, data: str) -> dict[str, Task]:
             "shakespeare": replace(shakespeare_task(3.0, 150, 50), timeout=900.0),
         }
     return {
-        "mnist": mnist_task(data, 0.975, 8.0, 4),
+        "mnist": mnist_task(data, 0.975, 12.0, 4),
         "shakespeare": shakespeare_task(1.90, 3000, 100),
     }
 
@@ -875,6 +888,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_MNIST), help="MNIST folder")
     parser.add_argument("--keep", type=Path, default=None, help="keep run dirs here (else temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds one run may take (default: the task's); a run stopped by it is "
+        "reported as not reached",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     # --quick alone is the smoke run: mnist, fp32 (and whatever else exists) at two links,
@@ -915,6 +935,8 @@ def main() -> None:
         skipped,
     )
     tasks = make_tasks(args.quick, args.data)
+    if args.timeout is not None:
+        tasks = {k: replace(t, timeout=args.timeout) for k, t in tasks.items()}
     work = args.keep or Path(tempfile.mkdtemp(prefix="gossip-bench-slowlink-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {

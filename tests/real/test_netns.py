@@ -373,3 +373,42 @@ def test_run_starts_own_loop_scripts_each_on_a_host_of_its_own(tmp_path):
     addrs = [p["addr"] for p in peers]
     assert len(set(addrs)) == 2 and not any(a.startswith("127.") for a in addrs), addrs
     assert not owned_names(), "the run's namespaces must be gone"
+
+
+@needs_netns
+def test_four_peers_on_10_mbit_links_train_with_int8_and_infrequent_averaging(tmp_path):
+    # Each peer's veth capped at 10 Mbit/s with tc tbf: int8 gossip every 100 steps reaches
+    # the bundled data set's accuracy, and sends a small fraction of float32 gossip's bytes.
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        cli(
+            "local",
+            "--peers",
+            "4",
+            "--netns",
+            "--netns-rate",
+            "10mbit",
+            "--compress",
+            "int8",
+            "--outer-steps",
+            "100",
+            "--epochs",
+            "4",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+        ),  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for p in summary["peers"]:
+        assert p["status"] == "finished" and p["exchanges"] > 0, p
+        assert p["test_accuracy"] >= 0.87, p
+        assert p["compress"] == "int8" and p["outer_steps"] >= 3, p
+        assert 3.5 < p["compression_ratio"] < 4.0, p
+    assert summary["consensus_test_accuracy"] >= 0.87
+    assert not owned_names(), "the run's namespaces must be gone"

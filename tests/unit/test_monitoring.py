@@ -173,3 +173,31 @@ def test_tensorboard_scalars_read_back(tmp_path):
     assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")] == [(5, 0.9), (10, 0.5)]
     assert acc.Scalars("eval/headline")[0].value == pytest.approx(0.8)
     assert acc.Scalars("final/accuracy")[0].step == 12
+
+
+def test_examples_name_metrics_that_exist():
+    """The Grafana dashboard's queries use metrics a scrape has; the Prometheus config
+    scrapes the ports `local --peers 4 --metrics` uses."""
+    import json
+    import re
+    from pathlib import Path
+
+    from trainer.flags import DEFAULT_METRICS_PORT
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    dash = json.loads((root / "grafana-dashboard.json").read_text())
+    peer = fake_peer(robust=True)
+    m = PeerMetrics(peer)
+    m.on_event({"kind": "eval", "step": 1, "metrics": {"accuracy": 0.5}})
+    m.on_exchange(Outcome(True, "b", seconds=0.1))
+    have = set(scrape(m).keys())
+    names = {k.split("{")[0] for k in have}
+    used = set()
+    for panel in dash["panels"]:
+        assert panel["targets"] and panel["title"]
+        for target in panel["targets"]:
+            used |= set(re.findall(r"gossip_train_[a-z_]+", target["expr"]))
+    assert used and used <= names, used - names
+    config = (root / "prometheus.yml").read_text()
+    ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", config)]
+    assert ports == [DEFAULT_METRICS_PORT + i for i in range(4)]

@@ -67,8 +67,10 @@ def test_local_run_serves_metrics_and_writes_tensorboard(tmp_path):
             except OSError:
                 pass  # not listening yet
             time.sleep(0.1)
-        time.sleep(1.5)
-        second = scrape(urls["peer-0"])
+        second = first
+        while second["gossip_train_steps_total"] == first["gossip_train_steps_total"]:
+            time.sleep(0.2)
+            second = scrape(urls["peer-0"])  # still training: its steps cannot all be done
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
@@ -82,7 +84,8 @@ def test_local_run_serves_metrics_and_writes_tensorboard(tmp_path):
     done = "gossip_train_exchanges_total{event=completed}"
     assert first[done] <= second[done]
     assert second["gossip_train_total_steps"] == 600
-    assert second["gossip_train_members{state=alive}"] == 1
+    members = [second[f"gossip_train_members{{state={s}}}"] for s in ("alive", "suspect", "left")]
+    assert sum(members) == 1  # the other peer (alive, or gone if it has finished)
     assert "gossip_train_peer_info{addr=" in "".join(second)
     # Files of the run: where the metrics were, for people and for Prometheus (file_sd).
     assert json.loads((run_dir / "run.json").read_text())["metrics"] == urls

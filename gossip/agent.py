@@ -44,7 +44,7 @@ from p2p.swim import Swim, SwimConfig
 from p2p.transport import Connection, Transport, TransportError, parse_addr
 
 from .events import Events
-from .exchange import Exchanger, GossipConfig, IncompatiblePeer, WeightStore
+from .exchange import Exchanger, GossipConfig, IncompatiblePeer, Outcome, WeightStore
 from .policy import (
     MAX_BUDGET_WAIT,
     CpuBudget,
@@ -141,6 +141,8 @@ class Agent:
         self._closed = False
         self.t0 = time.monotonic()
         self.handlers = self.node.handlers  # more message types (status, control) go here
+        # Told every exchange this agent starts (monitoring: its latency histogram).
+        self.on_exchange: Callable[[Outcome], None] = lambda out: None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Agent:
@@ -402,6 +404,7 @@ class Agent:
         """Average with one live neighbour, in ``partner_order``; a busy one is skipped."""
         for addr in self.neighbours()[: self.config.schedule.max_attempts]:
             out = await self.exchanger.exchange(addr)
+            self.on_exchange(out)
             if out.ok:
                 self._partnered.add(addr)
                 self.exchange_seconds += out.seconds

@@ -105,12 +105,16 @@ class Channel:
 
 
 class Events:
-    """What a peer reports through: its events file and, optionally, a channel."""
+    """What a peer reports through: its events file and, optionally, a channel and taps
+    (in-process readers: live metrics, TensorBoard)."""
 
     def __init__(self, file: EventFile | None = None, channel: Channel | None = None) -> None:
         self.file = file
         self.channel = channel
         self.name = "?"
+        # Called with every event after the file and channel have it. A tap that raises is
+        # dropped with one log line: monitoring must never stop a peer.
+        self.taps: list[Reporter] = []
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"ts": round(time.time(), 6), "peer": self.name, "kind": kind, **fields}
@@ -122,6 +126,13 @@ class Events:
             self.file(event)
         if self.channel is not None:
             self.channel(event)
+        for tap in list(self.taps):
+            try:
+                tap(event)
+            except Exception as exc:  # noqa: BLE001 - see taps
+                log.warning("event tap %r failed (%s); it gets no more events", tap, exc)
+                if tap in self.taps:
+                    self.taps.remove(tap)
 
     def close(self) -> None:
         if self.file is not None:

@@ -229,6 +229,13 @@ class Outcome:
     reason: str = ""
     seconds: float = 0.0
     busy: bool = False
+    declined: bool = False  # the neighbour answered the offer with a decline
+
+
+# What ``Exchanger.counts`` counts (monitoring: trainer.metrics): exchanges we started,
+# offers we answered (accepted and mixed) or declined, our offers a neighbour declined, and
+# exchanges of either side that broke off (error, deadline, an update refused).
+EXCHANGE_COUNTS = ("started", "answered", "declined", "declined_by_peer", "failed")
 
 
 class Exchanger:
@@ -241,6 +248,7 @@ class Exchanger:
         self.ready = True  # False while catching up: we decline offers until then
         self.exchanges = 0
         self.rejected = 0
+        self.counts = dict.fromkeys(EXCHANGE_COUNTS, 0)
         # CPU seconds spent on exchanges, both those we start and those we answer: the
         # event loop's share (measured around each exchange, so it includes what else the
         # loop did meanwhile, little next to an exchange) plus the worker threads'.
@@ -296,6 +304,15 @@ class Exchanger:
             return Outcome(False, addr, "we are busy", busy=True)
         if self.quarantined(addr):
             return Outcome(False, addr, f"quarantined: {self.screen.why(addr)}")
+        self.counts["started"] += 1
+        out = await self._exchange(addr)
+        if out.declined:
+            self.counts["declined_by_peer"] += 1
+        elif not out.ok:
+            self.counts["failed"] += 1
+        return out
+
+    async def _exchange(self, addr: str) -> Outcome:
         self._busy = True
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
@@ -376,7 +393,7 @@ class Exchanger:
             if addr not in self.incompatible:
                 log.error("peer %s runs a different model: %s", addr, reason)
             self.incompatible[addr] = reason
-        return Outcome(False, addr, reason, busy=bool(reply.header.get("busy")))
+        return Outcome(False, addr, reason, busy=bool(reply.header.get("busy")), declined=True)
 
     async def _with_weights(self, fn: Callable[..., Any], *args: Any) -> None:
         """``fn(*args)`` under the weights lock: on the loop if the weights are free (a
@@ -619,6 +636,7 @@ class Exchanger:
     async def _on_offer(self, conn: Connection, frame: Frame) -> None:
         h = frame.header
         if h.get("schema") != self.store.schema or h.get("nbytes") != self.store.nbytes:
+            self.counts["declined"] += 1
             await self._refuse_schema(conn, h)
             return
         if h.get("compress", "none") != self.config.compress:
@@ -627,6 +645,7 @@ class Exchanger:
                 f"{theirs} compression offered, this peer uses {self.config.compress}: "
                 "start every peer with the same --compress"
             )
+            self.counts["declined"] += 1
             await conn.send(MsgType.EXCH_DECLINE, {"reason": reason, "incompatible": True})
             return
         if h.get("training") is True:
@@ -635,11 +654,13 @@ class Exchanger:
         peer = _ident(h.get("addr")) or _ident(h.get("name")) or str(conn.peer)
         self._learn_name(peer, h.get("name"))
         if self._busy or not self.ready:
+            self.counts["declined"] += 1
             await conn.send(MsgType.EXCH_DECLINE, {"busy": True, "reason": "busy"})
             return
         left = self.quarantined(peer)
         if left:
             reason = f"quarantined for {left:.0f} s more: {self.screen.why(peer)}"
+            self.counts["declined"] += 1
             await conn.send(MsgType.EXCH_DECLINE, {"quarantined": True, "reason": reason})
             return
         self._busy = True
@@ -652,6 +673,7 @@ class Exchanger:
                 try:
                     stream = await self._send_ours(conn)
                 except UpdateRejected as exc:
+                    self.counts["failed"] += 1
                     await conn.send(MsgType.ERROR, {"reason": str(exc)})
                     conn.close()
                     log.error("%s", exc)
@@ -659,10 +681,13 @@ class Exchanger:
                 payload = await recv_task
                 conn.watch_payload(None)
                 await self._apply(peer, stream, payload)
+                self.counts["answered"] += 1
         except UpdateRejected as exc:
             self.rejected += 1
+            self.counts["failed"] += 1
             log.warning("refused weights from %s: %s", show(h.get("name")), exc)
         except (TimeoutError, TransportError, OSError):
+            self.counts["failed"] += 1
             conn.close()  # the initiator died or stalled; our weights are untouched
         finally:
             conn.watch_payload(None)

@@ -564,6 +564,7 @@ class BackgroundCheckpointer:
         self.replaced = 0  # submitted checkpoints dropped for a newer one
         self.failed = 0  # writes that raised
         self.last_path: Path | None = None
+        self.last_time: float | None = None  # time.time() of the last write (checkpoint age)
         self._cond = threading.Condition()
         self._pending: dict[str, Any] | None = None
         self._busy = False
@@ -634,6 +635,7 @@ class BackgroundCheckpointer:
         with self._cond:
             self.written += 1
             self.last_path = path
+            self.last_time = time.time()
             self._last_error = None
             # A new streak of failures after a success deserves its own log line.
             self._error_logged = False

@@ -24,6 +24,7 @@ from .config import PeerConfig
 from .flags import (
     add_checkpoint_args,
     add_launcher_args,
+    add_monitor_args,
     add_net_args,
     add_secret_arg,
     add_task_arg,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     add_net_args(p)
     add_checkpoint_args(p)
+    add_monitor_args(p, launcher=True)
     chaos.add_local_args(p)
 
     p = sub.add_parser(
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=int, help="local steps between exchanges (default 20)")
     add_net_args(p)
     add_checkpoint_args(p)
+    add_monitor_args(p, launcher=True)
     chaos.add_local_args(p)
     p.add_argument("script", metavar="SCRIPT", help="the training script (a .py file)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     add_net_args(p)
     add_checkpoint_args(p, "--checkpoint-dir")
+    add_monitor_args(p)
 
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")

@@ -106,6 +106,10 @@ class PeerConfig:
     # loopback address only unless ``insecure``.
     secret_file: str | None = None
     insecure: bool = False
+    # Serve live Prometheus metrics on this port of the listen host (trainer.metrics); 0: off.
+    metrics_port: int = 0
+    # Write TensorBoard scalars into this folder, a run per peer (trainer.board); None: off.
+    tensorboard: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     # Infrequent averaging with an outer optimizer (gossip.outer): [outer] steps, lr, momentum.

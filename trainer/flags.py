@@ -14,6 +14,9 @@ from .config import CheckpointConfig, LaunchConfig, PeerConfig, TrainConfig
 from .runtime import UserError
 
 T, G, C, P, L = TrainConfig(), ScheduleConfig(), CheckpointConfig(), PeerConfig(), LaunchConfig()
+# First metrics port of `local --metrics` / `run --metrics` (examples/prometheus.yml scrapes
+# 9400-9403).
+DEFAULT_METRICS_PORT = 9400
 
 
 def add_task_arg(g: Any) -> None:
@@ -147,6 +150,36 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *dir_flag: str) -> None:
     )
 
 
+def add_monitor_args(p: argparse.ArgumentParser, launcher: bool = False) -> None:
+    """Live metrics and TensorBoard (docs/monitoring.md)."""
+    g = p.add_argument_group("monitoring")
+    if launcher:
+        g.add_argument(
+            "--metrics",
+            type=int,
+            nargs="?",
+            const=DEFAULT_METRICS_PORT,
+            metavar="BASE_PORT",
+            help="each peer serves Prometheus metrics on consecutive ports from BASE_PORT "
+            f"(default {DEFAULT_METRICS_PORT}), listed in RUN_DIR/metrics.json; "
+            "needs gossip-train[metrics]",
+        )
+    else:
+        g.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics at http://LISTEN_HOST:PORT/metrics "
+            "(needs gossip-train[metrics])",
+        )
+    g.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write TensorBoard scalars into DIR, one run per peer "
+        "(needs gossip-train[tensorboard])",
+    )
+
+
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
     """Flags of the launchers, `local` and `run`."""
     p.add_argument(
@@ -246,6 +279,8 @@ def peer_config(args: argparse.Namespace) -> Any:
         "profile",
         "join_timeout",
         "wait_peers",
+        "metrics_port",
+        "tensorboard",
     ):
         if getattr(args, key, None) is not None:
             top[key] = getattr(args, key)
@@ -336,6 +371,15 @@ def validate(cfg: Any) -> None:
         )
     if cfg.wait_peers < 0 or cfg.join_timeout < 0:
         raise UserError("--wait-peers and --join-timeout must not be negative")
+    if cfg.metrics_port:
+        from . import metrics
+
+        metrics.check_port(cfg.metrics_port)
+        metrics.require()
+    if cfg.tensorboard is not None:
+        from . import board
+
+        board.require()
 
 
 def is_loopback(host: str) -> bool:

@@ -149,7 +149,8 @@ def _env(key: str) -> str | None:
 # GossipOptimizer's keyword arguments that set PeerConfig fields of the same name.
 TOP_KEYS = (
     "listen", "advertise", "name", "index", "num_peers", "run_dir", "cluster", "profile",
-    "join_timeout", "wait_peers", "allow_control", "secret_file", "insecure",
+    "join_timeout", "wait_peers", "allow_control", "secret_file", "insecure", "metrics_port",
+    "tensorboard",
 )  # fmt: skip
 CHECKPOINT_KEYS = {
     "checkpoint_dir": "directory",
@@ -202,7 +203,8 @@ class GossipOptimizer:
     ``join``, ``name``, ``index``, ``num_peers``, ``run_dir``, ``checkpoint_dir``,
     ``checkpoint_every``, ``checkpoint_seconds``, ``checkpoint_keep``, ``period``,
     ``linger``, ``cluster``, ``profile``, ``join_timeout``, ``wait_peers``, ``allow_control``,
-    ``secret_file`` (the swarm's keyring), ``insecure``. Under
+    ``secret_file`` (the swarm's keyring), ``insecure``, ``metrics_port`` (live Prometheus
+    metrics), ``tensorboard`` (a folder for TensorBoard scalars). Under
     ``gossip-train run`` they start from the settings the launcher wrote for this copy.
     """
 
@@ -223,7 +225,7 @@ class GossipOptimizer:
             "listen", "advertise", "join", "name", "index", "num_peers", "run_dir",
             "checkpoint_dir", "checkpoint_every", "checkpoint_seconds", "checkpoint_keep",
             "period", "linger", "cluster", "profile", "join_timeout", "wait_peers",
-            "allow_control", "secret_file", "insecure",
+            "allow_control", "secret_file", "insecure", "metrics_port", "tensorboard",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)
         if unknown:

@@ -31,6 +31,7 @@ from .config import PeerConfig
 from .loop import StepInfo, TrainerBase
 from .poison import Poison
 from .poison import check as check_poison
+from .runtime import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class Peer:
         self._ckpt_error: str | None = None  # last background checkpoint error reported
         self.agent: Agent | None = None
         self.outer: OuterStore | None = None  # infrequent averaging (--outer-steps)
+        self.metrics: Any = None  # trainer.metrics.PeerMetrics (--metrics-port)
+        self._metrics_server: Any = None
+        self._board: Any = None  # trainer.board.Board (--tensorboard)
         self.t0 = time.monotonic()
 
     @property
@@ -104,6 +108,7 @@ class Peer:
         finally:
             self.stop.set()
             await asyncio.to_thread(self.trainer.close)
+            await self._stop_monitoring()
             if self._own_events:
                 self.events.close()
 
@@ -113,6 +118,7 @@ class Peer:
             self.events = open_events(self.cfg.run_dir)
         if self.cfg.name:
             self.events.name = self.cfg.name  # the agent names it later when it has no name
+        await self._start_monitoring()
         self._open_checkpoints()
         t = self.trainer
         store: Any = t.weights
@@ -130,6 +136,8 @@ class Peer:
             load=store.load,
         )
         self.agent.handlers[MsgType.STATUS_REQ] = self._on_status
+        if self.metrics is not None:
+            self.agent.on_exchange = self.metrics.on_exchange
         if self.cfg.allow_control:
             self.agent.handlers[MsgType.CONTROL] = self._on_control
         # Restarted without --join (the first peer of a swarm, say): rejoin through the
@@ -206,6 +214,36 @@ class Peer:
             self.stopped_by_signal = True
             self._signalled.set()
             self.stop.set()
+
+    async def _start_monitoring(self) -> None:
+        """--metrics-port and --tensorboard: before joining, so a port in use is an error
+        before this peer is anyone's neighbour."""
+        if self.cfg.metrics_port:
+            from p2p.transport import parse_addr
+
+            from .metrics import MetricsServer, PeerMetrics
+
+            self.metrics = PeerMetrics(self)
+            host = parse_addr(self.cfg.listen)[0]
+            server = MetricsServer(self.metrics.render, host, self.cfg.metrics_port)
+            try:
+                await server.start()
+            except UserError as exc:
+                raise PeerError(str(exc)) from None
+            self._metrics_server = server
+            self.events.taps.append(self.metrics.on_event)
+        if self.cfg.tensorboard is not None:
+            from .board import Board
+
+            self._board = Board(self.cfg.tensorboard)
+            self.events.taps.append(self._board)
+
+    async def _stop_monitoring(self) -> None:
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        if self._board is not None:
+            self.events.taps.remove(self._board)
+            await asyncio.to_thread(self._board.close)
 
     def _make_run_dir(self) -> None:
         run_dir = Path(self.cfg.run_dir)
@@ -448,6 +486,8 @@ def run_peer(cfg: PeerConfig, events_fd: int | None = None, quiet: bool = True) 
 
     torch.set_num_threads(cfg.train.threads or default_threads(1))
     events = open_events(cfg.run_dir, events_fd)
+    # Building the task reads (and may decompress) its data set: seconds on a large one.
+    print(f"loading task {cfg.train.task} and its data", file=sys.stderr, flush=True)
     try:
         trainer = Trainer(cfg.train, cfg.index, cfg.num_peers)
     except BaseException as exc:

@@ -237,3 +237,14 @@ async def test_dead_and_paused_peers_fail_within_the_deadline(net):
     out = await xa.exchange(c.addr)
     assert not out.ok
     np.testing.assert_array_equal(sa.weights, before)
+
+
+async def test_counts_say_what_became_of_each_exchange(net):
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    assert (await xa.exchange(b.addr)).ok
+    await asyncio.sleep(0.01)
+    xb.ready = False  # catching up: b declines
+    out = await xa.exchange(b.addr)
+    assert out.declined and not out.ok
+    assert xa.counts == {**dict.fromkeys(xa.counts, 0), "started": 2, "declined_by_peer": 1}
+    assert xb.counts == {**dict.fromkeys(xb.counts, 0), "answered": 1, "declined": 1}

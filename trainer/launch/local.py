@@ -44,7 +44,9 @@ from ..chaos.proxy import ProxyNet
 from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_from_flags
 from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
 from ..flags import peer_config
+from ..runtime import UserError
 from . import summary as run_summary
+from .view import StepRate, eta_seconds, format_eta, format_rate, format_value, headline
 from .zygote import EventPipe, Zygote, ZygoteChild, ZygoteError, become_subreaper
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class Child:
     chaos_killed: bool = False  # the last exit was a fault we injected
     restart_now: bool = False  # restart at once after the injected SIGKILL
     events: EventPipe | None = None  # where its JSON events arrive (a copy, best effort)
+    last_eval: dict[str, Any] | None = None  # its last "eval" event (the live view)
+    rate: StepRate = field(default_factory=StepRate)  # its steps per second, recently
+    metrics_port: int = 0  # --metrics: where it serves Prometheus metrics (0: off)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -89,6 +94,37 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def check_metrics_ports(base: int, n: int, host: str = "127.0.0.1") -> list[int]:
+    """The ports of ``--metrics BASE_PORT``, one per peer: in range and free now, or one
+    line saying which is not (before any peer starts)."""
+    from ..metrics import require
+
+    require("--metrics")
+    if not (1 <= base and base + n - 1 <= 65535):
+        raise UserError(
+            f"--metrics {base}: {n} peers need ports {base}..{base + n - 1}; "
+            "a port must be in 1..65535"
+        )
+    ports = list(range(base, base + n))
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise UserError(f"--metrics {base}: port {port} of {host} ({why})") from None
+    return ports
+
+
+def metrics_url(child: Child) -> str:
+    """Where ``child`` serves its metrics: its listen host, or its advertised one when it
+    listens on every address (a namespace's peer)."""
+    host = (child.listen or child.addr).rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = child.addr.rsplit(":", 1)[0]
+    return f"http://{host}:{child.metrics_port}/metrics"
 
 
 def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[str]) -> Any:
@@ -115,6 +151,9 @@ def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[
         wait_peers=n if base.wait_peers == 0 else base.wait_peers,
         linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
         allow_control=bool(getattr(args, "allow_control", False)),
+        metrics_port=child.metrics_port,
+        # Peers run in their own folders: a relative DIR means the launcher's.
+        tensorboard=str(Path(args.tensorboard).resolve()) if base.tensorboard else None,
         checkpoint=checkpoint,
         train=dataclasses.replace(base.train, threads=args.threads or default_threads(n)),
     )
@@ -174,6 +213,20 @@ class LocalRun:
         ]
         for c in self.children:
             c.control = c.addr
+        if getattr(args, "tensorboard", None):
+            from ..board import require
+
+            require()
+        if getattr(args, "metrics", None) is not None:
+            # Namespaces have ports of their own: only loopback peers can collide here.
+            host_check = not getattr(args, "netns", False)
+            metric_ports = (
+                check_metrics_ports(args.metrics, n)
+                if host_check
+                else list(range(args.metrics, args.metrics + n))
+            )
+            for c, port in zip(self.children, metric_ports, strict=True):
+                c.metrics_port = port
         self.names = names
         self.net: FaultNet | None = None
         self.t0 = time.time()
@@ -239,9 +292,27 @@ class LocalRun:
                 ],
                 "network": self.net.describe() if self.net is not None else {"mode": self.mode},
                 "chaos": chaos,
+                "metrics": self.write_metrics(),
             },
             ts=self.t0,
         )
+
+    def write_metrics(self) -> dict[str, str] | None:
+        """--metrics: RUN_DIR/metrics.json (peer name -> URL) and
+        RUN_DIR/prometheus-targets.json (Prometheus file_sd, see examples/prometheus.yml)."""
+        if not any(c.metrics_port for c in self.children):
+            return None
+        urls = {c.name: metrics_url(c) for c in self.children}
+        targets = [
+            {
+                "targets": [url.split("/")[2]],
+                "labels": {"peer": name, "run": self.run_dir.name},
+            }
+            for name, url in urls.items()
+        ]
+        run_summary.write_json(self.run_dir / "metrics.json", urls)
+        run_summary.write_json(self.run_dir / "prometheus-targets.json", targets)
+        return urls
 
     def write_peers(self) -> None:
         """RUN_DIR/peers.json: what `gossip-train chaos --run-dir` needs to act on this run."""
@@ -271,6 +342,10 @@ class LocalRun:
         kind = ev.get("kind")
         if kind == "progress":
             child.last = ev
+            if isinstance(ev.get("ts"), (int, float)) and isinstance(ev.get("step"), int):
+                child.rate.add(ev["ts"], ev["step"])
+        elif kind == "eval":
+            child.last_eval = ev
         elif kind == "finished":
             child.result = ev
         elif kind == "started":
@@ -541,6 +616,9 @@ class LocalRun:
         assert self.zygote is not None
         self.wall = time.time() - self.t0
         self.log_file.close()  # everything the launcher knows is on disk
+        if any(c.result for c in self.children):
+            # Its own output goes to summary.log: say here what the wait is for.
+            print("consensus: averaging the final models and evaluating them", file=sys.stderr)
         try:
             rc = await self.zygote.summarize(
                 str(self.run_dir), self.wall, str(self.run_dir / "summary.log")
@@ -589,29 +667,19 @@ class LocalRun:
                 self._draw()
 
     def _rows(self) -> list[str]:
-        # wts%: the share of this peer's bytes out that carried weights (the rest is
-        # membership and control: the overhead a slow link pays for).
-        rows = [
-            f"{'peer':<8} {'status':<9} {'step':>13} {'loss':>7} {'exch':>5} {'alive':>5} "
-            f"{'MB out':>7} {'wts%':>5}"
-        ]
-        for c in self.children:
-            ev = c.last
-            step = f"{ev.get('step', 0)}/{ev.get('total', '?')}"
-            loss = ev.get("loss")
-            rows.append(
-                f"{c.name:<8} {c.status:<9} {step:>13} "
-                f"{(f'{loss:.3f}' if isinstance(loss, float) else '-'):>7} "
-                f"{ev.get('exchanges', 0):>5} {ev.get('alive', 0):>5} "
-                f"{ev.get('bytes_sent', 0) / 1e6:>7.1f} "
-                f"{_percent(run_summary.share(ev.get('bytes')))}"
-            )
-        return rows
+        return view_rows(self.children)
+
+    def _eta(self) -> float | None:
+        """Seconds until the slowest training peer takes its last step (None: unknown)."""
+        etas = [_child_eta(c) for c in self.children if c.status == "training"]
+        known = [e for e in etas if e is not None]
+        return max(known) if known and len(known) == len(etas) else None
 
     def _draw(self, final: bool = False) -> None:
         if self.args.no_progress and not final:
             return
-        rows = [f"t={time.time() - self.t0:6.1f}s  run dir {self.run_dir}", *self._rows()]
+        eta = "" if final else f"  ETA {format_eta(self._eta())}"
+        rows = [f"t={time.time() - self.t0:6.1f}s{eta}  run dir {self.run_dir}", *self._rows()]
         if self.tty:
             if self._drawn:
                 sys.stderr.write(f"\x1b[{self._drawn}F\x1b[J")
@@ -621,11 +689,48 @@ class LocalRun:
             done = sum(c.last.get("step", 0) for c in self.children)
             total = sum(c.last.get("total", 0) for c in self.children) or 1
             ex = sum(c.last.get("exchanges", 0) for c in self.children)
+            rate = sum(c.rate.per_second or 0.0 for c in self.children if c.status == "training")
             sys.stderr.write(
                 f"t={time.time() - self.t0:6.1f}s  {100 * done / total:5.1f}% of "
-                f"steps, {ex} exchanges\n"
+                f"steps, {ex} exchanges, {format_rate(rate)} steps/s, "
+                f"ETA {format_eta(self._eta())}\n"
             )
         sys.stderr.flush()
+
+
+def _child_eta(c: Child) -> float | None:
+    return eta_seconds(c.last.get("step", 0), c.last.get("total"), c.rate.per_second)
+
+
+def view_rows(children: list[Child]) -> list[str]:
+    """The live table: a row per peer, at most 88 characters wide.
+
+    The headline metric (its column named after it) is the peer's last evaluation's first
+    metric, "-" before any (--eval-every); st/s is steps per second over the last seconds;
+    alive is how many members the peer sees alive; wts%: the share of its bytes out that
+    carried weights (the rest is membership and control: the overhead a slow link pays for).
+    """
+    label = next((k for c in children if (k := headline(c.last_eval)[0])), None) or "metric"
+    rows = [
+        f"{'peer':<8} {'status':<9} {'step':>11} {'loss':>7} {label[:8]:>8} {'st/s':>6} "
+        f"{'eta':>6} {'exch':>5} {'alive':>5} {'MB out':>7} {'wts%':>5}"
+    ]
+    for c in children:
+        ev = c.last
+        step = f"{ev.get('step', 0)}/{ev.get('total', '?')}"
+        loss = ev.get("loss")
+        training = c.status == "training"
+        eta = format_eta(_child_eta(c)) if training else "-"
+        rate = format_rate(c.rate.per_second) if training else "-"
+        rows.append(
+            f"{c.name[:8]:<8} {c.status:<9} {step:>11} "
+            f"{(f'{loss:.3f}' if isinstance(loss, float) else '-'):>7} "
+            f"{format_value(headline(c.last_eval)[1]):>8} {rate:>6} {eta:>6} "
+            f"{ev.get('exchanges', 0):>5} {ev.get('alive', 0):>5} "
+            f"{ev.get('bytes_sent', 0) / 1e6:>7.1f} "
+            f"{_percent(run_summary.share(ev.get('bytes')))}"
+        )
+    return rows
 
 
 def finish(run: LocalRun, wall: float) -> dict[str, Any]:
@@ -756,7 +861,7 @@ def run_baseline(args: argparse.Namespace) -> Path | None:
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = str(run_dir)
     base.run_dir = str(run_dir / "baseline")
-    print(f"baseline: the same run without faults, in {base.run_dir}", file=sys.stderr)
+    print(f"baseline: running it first, without faults, in {base.run_dir}", file=sys.stderr)
     if run_local(base) != 0:
         raise ValueError("the baseline run failed; see its peer logs")
     return Path(base.run_dir)

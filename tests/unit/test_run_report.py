@@ -140,6 +140,17 @@ def test_membership_spans_follow_each_observer_s_view(tmp_path):
     assert first[1] == pytest.approx(4.05) and second[0] == pytest.approx(6.2)
 
 
+def test_a_restarted_peer_s_lines_break_over_its_downtime(tmp_path):
+    need_matplotlib()
+    from trainer.report.plots import series
+
+    run = load(make_run(tmp_path, summary=False))
+    by_t, _ = series(run, ("progress",), lambda e: e.get("loss"))[1]
+    gaps = [i for i, (t, _) in enumerate(by_t) if t != t]
+    assert len(gaps) == 1  # peer-1 has two lives
+    assert by_t[gaps[0] - 1][0] < 4.0 < 6.5 <= by_t[gaps[0] + 1][0]
+
+
 def test_rates_skip_a_counter_that_started_again():
     need_matplotlib()
     from trainer.report.plots import rates
@@ -147,6 +158,10 @@ def test_rates_skip_a_counter_that_started_again():
     points = [(0.0, 0), (1.0, 10), (2.0, 20), (3.0, 2), (4.0, 12), (5.0, 22)]
     got = rates(points, window=1.0)
     assert [r for _, r in got] == [10, 10, 10, 10]  # never the drop at t=3
+    gap = float("nan")
+    got = rates([(0.0, 0), (1.0, 10), (gap, gap), (5.0, 10), (6.0, 30)], window=1.0)
+    assert got[0] == (0.5, 10) and got[2] == (5.5, 20)  # nothing across the downtime
+    assert all(x != x for x in got[1])  # but a break in the line
 
 
 def test_cells_escape_what_comes_from_files():

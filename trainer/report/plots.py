@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .run import MEMBER_STATES, RunFiles  # noqa: E402
 
 Point = tuple[float, float]
+GAP: Point = (math.nan, math.nan)
 STATE_COLOURS = {
     "alive": "#2ca02c",
     "suspect": "#ff7f0e",
@@ -69,12 +70,18 @@ def series(
     run: RunFiles, kinds: Sequence[str], value: Callable[[dict[str, Any]], Any]
 ) -> list[tuple[list[Point], list[Point]]]:
     """Per peer: (time, value) and (samples, value) of its events of ``kinds`` that have
-    a finite value (a peer that never reported has two empty lists)."""
+    a finite value (a peer that never reported has two empty lists). Lives are separated
+    by a (nan, nan) point: a line breaks there instead of bridging the peer's downtime."""
     out = []
     for p in run.peers:
         by_t: list[Point] = []
         by_samples: list[Point] = []
-        for e in p.of(*kinds):
+        for e in p.of("listening", *kinds):
+            if e.get("kind") == "listening":
+                for pts in (by_t, by_samples):
+                    if pts and not math.isnan(pts[-1][0]):
+                        pts.append(GAP)
+                continue
             v = _number(value(e))
             if v is None:
                 continue
@@ -92,7 +99,7 @@ def _plot_peers(
     """One line per peer that has points; False if none had any."""
     drawn = False
     for i, (p, pts) in enumerate(zip(run.peers, points, strict=True)):
-        if pts:
+        if any(not math.isnan(y) for _, y in pts):
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker=marker, color=colour(i), label=p.name, **kw)
             drawn = True
@@ -164,7 +171,7 @@ def disagreement_figure(run: RunFiles) -> Figure:
     data = series(run, ("progress",), lambda e: e.get("disagreement"))
     fig, (ax,) = _figure(1, height=3.2)
     fig.set_figwidth(10.4)
-    positive = [[(t, d) for t, d in by_t if d > 0] for by_t, _ in data]
+    positive = [[(t, d) for t, d in by_t if math.isnan(d) or d > 0] for by_t, _ in data]
     if _plot_peers(ax, run, positive, marker=".", linewidth=1):
         ax.set_yscale("log")
         ax.legend(fontsize="small")
@@ -180,14 +187,18 @@ def disagreement_figure(run: RunFiles) -> Figure:
 def rates(points: Sequence[Point], window: float = RATE_WINDOW) -> list[Point]:
     """(time, per second) of a counter sampled at ``points``, over spans of at least
     ``window`` seconds (less in a run too short for a few of those). A counter that goes
-    down started again (a new life): that span is skipped, not drawn as a negative rate."""
+    down started again (a new life), as does a gap: no span crosses one, and the line
+    breaks there."""
     out: list[Point] = []
-    if not points:
+    times = [t for t, _ in points if not math.isnan(t)]
+    if not times:
         return out
-    window = min(window, max((points[-1][0] - points[0][0]) / 8, 0.4))
+    window = min(window, max((times[-1] - times[0]) / 8, 0.4))
     t_a, v_a = points[0]
     for t, v in points[1:]:
-        if v < v_a:
+        if math.isnan(t) or math.isnan(t_a) or v < v_a:
+            if math.isnan(t) and out and not math.isnan(out[-1][0]):
+                out.append(GAP)
             t_a, v_a = t, v
             continue
         if t - t_a >= window:
@@ -219,7 +230,7 @@ def traffic_figure(run: RunFiles) -> Figure:
     drawn = _plot_peers(axes[1], run, mb, linewidth=1) or drawn
     mb_in = [[(t, r / 1e6) for t, r in rates(d[0])] for d in into]
     for i, pts in enumerate(mb_in):
-        if pts:
+        if any(not math.isnan(y) for _, y in pts):
             xs, ys = zip(*pts, strict=True)
             axes[1].plot(xs, ys, color=colour(i), linestyle=":", linewidth=1)
     axes[1].set_ylabel("MB / s (solid out, dotted in)")

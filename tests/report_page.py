@@ -80,7 +80,6 @@ def peer_events(i, name):
                         "eval",
                         peer=name,
                         step=step,
-                        samples=32 * step,
                         metrics={"accuracy": 0.5 + step / 400, "loss": 1.0 / step},
                     )  # fmt: skip
                 )

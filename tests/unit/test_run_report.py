@@ -151,6 +151,16 @@ def test_a_restarted_peer_s_lines_break_over_its_downtime(tmp_path):
     assert by_t[gaps[0] - 1][0] < 4.0 < 6.5 <= by_t[gaps[0] + 1][0]
 
 
+def test_eval_events_are_placed_by_the_samples_their_step_stands_for(tmp_path):
+    need_matplotlib()
+    from trainer.report.plots import series
+
+    run = load(make_run(tmp_path, summary=False))
+    _, by_samples = series(run, ("eval",), lambda e: (e.get("metrics") or {}).get("accuracy"))[0]
+    # eval events carry a step, not samples: 32 samples per step, as the progress lines say
+    assert by_samples[0] == (32 * 20, pytest.approx(0.55))
+
+
 def test_rates_skip_a_counter_that_started_again():
     need_matplotlib()
     from trainer.report.plots import rates

@@ -76,21 +76,43 @@ def series(
     for p in run.peers:
         by_t: list[Point] = []
         by_samples: list[Point] = []
-        for e in p.of("listening", *kinds):
-            if e.get("kind") == "listening":
+        per_step: float | None = None  # samples per step, from this life's progress lines
+        for e in p.of("listening", "progress", *kinds):
+            kind = e.get("kind")
+            if kind == "listening":
+                per_step = None
                 for pts in (by_t, by_samples):
                     if pts and not math.isnan(pts[-1][0]):
                         pts.append(GAP)
+                continue
+            if kind == "progress":
+                per_step = _per_step(e) or per_step
+            if kind not in kinds:
                 continue
             v = _number(value(e))
             if v is None:
                 continue
             by_t.append((run.t(e), v))
-            s = _number(e.get("samples"))
+            s = _samples(e, per_step)
             if s is not None:
                 by_samples.append((s, v))
         out.append((by_t, by_samples))
     return out
+
+
+def _per_step(e: dict[str, Any]) -> float | None:
+    samples, step = _number(e.get("samples")), _number(e.get("step"))
+    return samples / step if samples is not None and step else None
+
+
+def _samples(e: dict[str, Any], per_step: float | None) -> float | None:
+    """Samples seen at ``e``: its own count, else (``eval`` events say only their step)
+    the step times the samples per step its progress lines showed."""
+    found = _number(e.get("samples"))
+    step = _number(e.get("step"))
+    if found is None and step is not None and per_step is not None:
+        found = step * per_step
+    return found
 
 
 def _plot_peers(

@@ -249,6 +249,12 @@ class Exchanger:
         self.exchanges = 0
         self.rejected = 0
         self.counts = dict.fromkeys(EXCHANGE_COUNTS, 0)
+        # How far apart we and our partners were: ||theirs - ours|| / ||ours|| of the last
+        # exchange whose delta passed the checks, and the sum and count since the last
+        # take_disagreement(). The stream sums both squares anyway; this keeps two floats.
+        self.last_distance: float | None = None
+        self._distance_sum = 0.0
+        self._distance_count = 0
         # CPU seconds spent on exchanges, both those we start and those we answer: the
         # event loop's share (measured around each exchange, so it includes what else the
         # loop did meanwhile, little next to an exchange) plus the worker threads'.
@@ -479,6 +485,7 @@ class Exchanger:
         if isinstance(stream, CompressedStream):
             try:
                 factor = self._judged_compressed(addr, stream, frame)
+                self._note_distance(stream.dist_sq, stream.snap_sq)
                 if factor is not None:
                     await self._with_weights(_mix_compressed, self.store, stream, frame, factor)
             finally:
@@ -487,12 +494,30 @@ class Exchanger:
             return
         try:
             delta = self._judged(addr, stream, frame)
+            self._note_distance(stream.dist_sq, stream.snap_sq)
             if delta is not None:
                 await self._mix(delta)
                 await self._move_anchor(delta)
         finally:
             frame.release()
         self.exchanges += 1
+
+    def _note_distance(self, dist_sq: float, snap_sq: float) -> None:
+        """Record the relative distance of an exchange that passed the checks."""
+        if snap_sq > 0 and math.isfinite(dist_sq) and math.isfinite(snap_sq):
+            d = math.sqrt(dist_sq / snap_sq)
+            self.last_distance = d
+            self._distance_sum += d
+            self._distance_count += 1
+
+    def take_disagreement(self) -> float | None:
+        """The mean relative distance to our partners since the last call (None if no
+        exchange passed since): what a progress line reports as ``disagreement``."""
+        if not self._distance_count:
+            return None
+        mean = self._distance_sum / self._distance_count
+        self._distance_sum, self._distance_count = 0.0, 0
+        return mean
 
     def _judged(self, addr: str, stream: DeltaStream, frame: Frame) -> np.ndarray | None:
         """The delta to mix (clipped if need be), None if we mix nothing in; raises

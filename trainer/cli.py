@@ -6,6 +6,7 @@
     gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
     gossip-train chaos SCENARIO --run-dir DIR    inject faults into running peers
     gossip-train summary RUN_DIR                 rebuild a run's summary from its files
+    gossip-train report RUN_DIR                  RUN_DIR/report.html: the run's plots
 
 Errors a user can fix (a bad path, a port in use, nobody to join) print one line and
 exit with status 2; no traceback.
@@ -155,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-consensus", action="store_true", help="do not average and evaluate final models"
     )
 
+    p = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.html: the run's plots and tables on one page",
+        description="Draw a run's metrics, losses, disagreement, traffic, refused updates and "
+        "membership timeline from its files (peer-*/events.jsonl, launcher.jsonl, "
+        "summary.json, report.json) into one self-contained HTML page. Needs matplotlib: "
+        "pip install 'gossip-train[report]'.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", help="where to write the page (default RUN_DIR/report.html)")
+
     p = sub.add_parser("eval", help="a task's metrics of a final model or checkpoint")
     p.add_argument("model_path", metavar="MODEL_OR_CHECKPOINT")
     add_task_arg(p)
@@ -237,6 +249,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_html
+
+    print(f"report: {write_html(args.run_dir, args.output)}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
@@ -258,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "members": cmd_members,
         "eval": cmd_eval,
         "summary": cmd_summary,
+        "report": cmd_report,
         "secret": cmd_secret,
         "chaos": chaos.run_chaos,
     }

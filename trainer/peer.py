@@ -350,6 +350,7 @@ class Peer:
             bytes_received=self.transport.stats.received,
             bytes=self.transport.stats.by_kind(),
             compression_ratio=round(self.agent.exchanger.compression_ratio, 4),
+            disagreement=_rounded(self.agent.exchanger.take_disagreement()),
             alive=self.agent.alive_count(),
             checkpoint=self._last_checkpoint(),
         )
@@ -471,6 +472,11 @@ class Peer:
 
     async def _on_status(self, conn: Connection, frame: Frame) -> None:
         await conn.send(MsgType.STATUS, self.status_dict())
+
+
+def _rounded(x: float | None) -> float | None:
+    """Four significant digits: a relative distance spans decades as peers converge."""
+    return None if x is None else float(f"{x:.4g}")
 
 
 def run_peer(cfg: PeerConfig, events_fd: int | None = None, quiet: bool = True) -> dict[str, Any]:

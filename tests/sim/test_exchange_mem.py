@@ -74,6 +74,22 @@ async def test_both_sides_end_with_the_same_average(net):
     np.testing.assert_allclose(sb.weights, expect, atol=1e-6)
 
 
+async def test_an_exchange_records_the_relative_distance_to_the_partner(net):
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    expect = float(np.linalg.norm(sb.weights - sa.weights) / np.linalg.norm(sa.weights))
+    assert xa.take_disagreement() is None  # nothing exchanged yet
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+    await asyncio.sleep(0.01)
+    assert xa.last_distance == pytest.approx(expect, rel=1e-4)
+    assert xa.take_disagreement() == pytest.approx(expect, rel=1e-4)
+    assert xa.take_disagreement() is None  # a mean since the last read
+    assert xb.take_disagreement() is not None  # the responder measured its side too
+    await xa.exchange(b.addr)
+    await asyncio.sleep(0.01)
+    assert xa.last_distance < 1e-5  # the two are the same average now
+
+
 async def test_busy_peer_declines_and_different_schema_is_refused(net):
     (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
     xb._busy = True

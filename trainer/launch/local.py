@@ -841,6 +841,11 @@ def run_local(args: argparse.Namespace) -> int:
         report = write_report(run.run_dir, baseline, epsilon=args.epsilon)
         verdict = "all invariants hold" if report["invariants_ok"] else "INVARIANTS FAIL"
         print(f"robustness report: {run.run_dir / 'report.md'} ({verdict})")
+    from ..report import write_after_run
+
+    page = write_after_run(run.run_dir)  # after report.json: the page shows its tables
+    if page is not None:
+        print(f"report: {page}")
     failed = [p for p in summary["peers"] if p["status"] not in ("finished", "killed")]
     for p in failed:
         print(f"gossip-train: {p['name']} {p['status']}: {p.get('error') or '?'}", file=sys.stderr)

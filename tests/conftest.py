@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "sim", "real")
+# The launchers' report.html costs a few seconds of plotting per run; only the tests of the
+# report ask for it (tests/real/test_report.py passes GOSSIP_TRAIN_REPORT=1).
+os.environ.setdefault("GOSSIP_TRAIN_REPORT", "0")
 
 
 def shared_data(name: str) -> Path:

@@ -180,12 +180,23 @@ def add_monitor_args(p: argparse.ArgumentParser, launcher: bool = False) -> None
     )
 
 
+# Set to 0 in the environment: the launchers skip report.html, as --no-report does.
+REPORT_ENV = "GOSSIP_TRAIN_REPORT"
+
+
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
     """Flags of the launchers, `local` and `run`."""
     p.add_argument(
         "--peers", type=int, default=L.peers, help=f"number of peers (default {L.peers})"
     )
     p.add_argument("--run-dir", help="where results go (default runs/<date-time>)")
+    p.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="do not draw RUN_DIR/report.html at the end (a few seconds of plotting; "
+        f"also {REPORT_ENV}=0); `gossip-train report RUN_DIR` draws it later",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",

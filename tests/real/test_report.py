@@ -3,6 +3,7 @@ heal, through the fault-injecting proxy on loopback. Every plot is there and dra
 tables say what summary.json and report.json say."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -24,7 +25,10 @@ def test_a_chaos_run_ends_with_a_report_of_every_plot(tmp_path):
     argv += ["--restart-failed", "--checkpoint-seconds", "1", "--restart-delay", "3"]
     argv += ["--fault", "at=1 kind=kill peer=peer-1"]
     argv += ["--fault", "at=5 kind=partition groups=0,1/2,3 for=4"]
-    proc = subprocess.run(cli(*argv), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    env = {**os.environ, "GOSSIP_TRAIN_REPORT": "1"}
+    proc = subprocess.run(
+        cli(*argv), cwd=ROOT, capture_output=True, text=True, timeout=400, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     page_path = run_dir / "report.html"
     assert f"report: {page_path}" in proc.stdout

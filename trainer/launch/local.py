@@ -43,7 +43,7 @@ from ..chaos.netns import (
 from ..chaos.proxy import ProxyNet
 from ..chaos.scenario import Action, Scenario, load_scenario, plan, scenario_from_flags
 from ..config import ENV_PREFIX, LaunchConfig, default_threads, save_config
-from ..flags import peer_config
+from ..flags import REPORT_ENV, peer_config
 from ..runtime import UserError
 from . import summary as run_summary
 from .view import StepRate, eta_seconds, format_eta, format_rate, format_value, headline
@@ -841,11 +841,12 @@ def run_local(args: argparse.Namespace) -> int:
         report = write_report(run.run_dir, baseline, epsilon=args.epsilon)
         verdict = "all invariants hold" if report["invariants_ok"] else "INVARIANTS FAIL"
         print(f"robustness report: {run.run_dir / 'report.md'} ({verdict})")
-    from ..report import write_after_run
+    if args.report and os.environ.get(REPORT_ENV, "1") != "0":
+        from ..report import write_after_run
 
-    page = write_after_run(run.run_dir)  # after report.json: the page shows its tables
-    if page is not None:
-        print(f"report: {page}")
+        page = write_after_run(run.run_dir)  # after report.json: the page shows its tables
+        if page is not None:
+            print(f"report: {page}")
     failed = [p for p in summary["peers"] if p["status"] not in ("finished", "killed")]
     for p in failed:
         print(f"gossip-train: {p['name']} {p['status']}: {p.get('error') or '?'}", file=sys.stderr)

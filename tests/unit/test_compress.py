@@ -100,10 +100,11 @@ def test_the_stream_judges_byte_by_byte_as_the_payload_arrives():
     stream = CompressedStream(a)
     buf = bytearray(b.sent.nbytes)
     view = memoryview(buf)
-    for i, byte in enumerate(b.sent.tobytes()):
+    for i, byte in enumerate(b.sent.tobytes()):  # byte by byte, as a slow link delivers
         buf[i] = byte
-        if i % 997 == 0 or i == len(buf) - 1:
-            stream.feed(view, i + 1)
+        stream.feed(view, i + 1)
+        if i == a.spans[0][3] - 1:
+            assert stream.done == 1  # the first chunk was judged the moment it was whole
     assert stream.done == len(a.spans)  # everything judged while it arrived
     stream.finish(view)
     da = np.concatenate([a.own(k).copy() for k in range(len(a.spans))])

@@ -194,8 +194,9 @@ class IncompatiblePeer(Exception):
 
 @dataclass(frozen=True)
 class GossipConfig:
-    # Deadline for an exchange = base + bytes / min_rate. 20 MB/s is far below loopback
-    # (>1 GB/s) and a LAN (>100 MB/s): only a stuck or dying peer misses it.
+    # Deadline for an exchange = base + 2 x bytes / rate, the rate starting at min_rate:
+    # 20 MB/s is far below loopback (>1 GB/s) and a LAN (>100 MB/s). Over slower links the
+    # exchanger lowers it from what its exchanges achieve (``Exchanger.link_rate``).
     deadline_base: float = 2.0
     deadline_min_rate: float = 20e6
     # Seconds to wait for a neighbour to accept or decline an offer. A paused peer's kernel
@@ -222,6 +223,11 @@ class GossipConfig:
         return self.deadline_base + 2 * nbytes / self.deadline_min_rate
 
 
+# The lowest rate deadlines assume (bytes/s), however often exchanges time out: a 3.2 MB
+# model then has 52 s.
+MIN_LINK_RATE = 128e3
+
+
 @dataclass
 class Outcome:
     ok: bool
@@ -246,6 +252,11 @@ class Exchanger:
         self.store = store
         self.config = config or GossipConfig()
         self.ready = True  # False while catching up: we decline offers until then
+        # The link rate our deadlines assume: the configured one until exchanges show the
+        # links are slower (a 3.2 MB model over 10 Mbit/s needs 2.6 s, past the default
+        # deadline): a timed-out exchange halves it, down to MIN_LINK_RATE; a completed one
+        # sets it to half the rate it achieved, never above the configured one.
+        self.link_rate = self.config.deadline_min_rate
         self.exchanges = 0
         self.rejected = 0
         self.counts = dict.fromkeys(EXCHANGE_COUNTS, 0)
@@ -322,7 +333,7 @@ class Exchanger:
         self._busy = True
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
-            async with asyncio.timeout(self.config.deadline(self.wire_nbytes)):
+            async with asyncio.timeout(self.deadline()):
                 conn = self._conns.pop(addr, None)
                 if conn is not None and not conn.closed:
                     try:
@@ -332,6 +343,7 @@ class Exchanger:
                 conn = await self.node.open(addr)
                 return await self._exchange_on(conn, addr, t0)
         except TimeoutError:
+            self._timed_out()
             return Outcome(False, addr, "exchange deadline passed")
         except (TransportError, OSError) as exc:
             return Outcome(False, addr, str(exc))
@@ -370,12 +382,30 @@ class Exchanger:
                 raise send_failed
             await self._apply(addr, stream, frame)
             kept = True
-            return Outcome(True, addr, seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._completed(seconds)
+            return Outcome(True, addr, seconds=seconds)
         finally:
             if kept:
                 self._keep(addr, conn)
             else:
                 conn.close()
+
+    def deadline(self) -> float:
+        """Seconds one exchange may take, at the link rate we have seen."""
+        return self.config.deadline_base + 2 * self.wire_nbytes / self.link_rate
+
+    def _pull_deadline(self) -> float:
+        """A pull moves the float32 weights one way, once (a catch-up): it may take 8 times
+        longer than an exchange at the rate we assume, before anything was measured."""
+        return self.config.deadline_base + 2 * self.store.nbytes / (self.link_rate / 8)
+
+    def _timed_out(self) -> None:
+        self.link_rate = max(MIN_LINK_RATE, self.link_rate / 2)
+
+    def _completed(self, seconds: float) -> None:
+        achieved = self.wire_nbytes / max(seconds, 1e-3)  # both payloads move at once
+        self.link_rate = max(MIN_LINK_RATE, min(self.config.deadline_min_rate, achieved / 2))
 
     def _keep(self, addr: str, conn: Connection) -> None:
         self._conns[addr] = conn
@@ -692,7 +722,7 @@ class Exchanger:
         cpu0 = time.thread_time()
         recv_task: asyncio.Task[Frame] | None = None
         try:
-            async with asyncio.timeout(self.config.deadline(self.wire_nbytes)):
+            async with asyncio.timeout(self.deadline()):
                 await conn.send(MsgType.EXCH_ACCEPT, {"name": self.node.name})
                 recv_task = asyncio.create_task(conn.recv())
                 try:
@@ -711,8 +741,10 @@ class Exchanger:
             self.rejected += 1
             self.counts["failed"] += 1
             log.warning("refused weights from %s: %s", show(h.get("name")), exc)
-        except (TimeoutError, TransportError, OSError):
+        except (TimeoutError, TransportError, OSError) as exc:
             self.counts["failed"] += 1
+            if isinstance(exc, TimeoutError):
+                self._timed_out()
             conn.close()  # the initiator died or stalled; our weights are untouched
         finally:
             conn.watch_payload(None)
@@ -751,7 +783,7 @@ class Exchanger:
             return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
         await self._with_weights(_copy_out, self.store, weights)
-        async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
+        async with asyncio.timeout(self._pull_deadline()):
             await conn.send(
                 MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]
             )
@@ -759,7 +791,7 @@ class Exchanger:
 
     async def pull(self, addr: str) -> tuple[np.ndarray, int]:
         """Fetch ``addr``'s current weights and step (for a new or restarted peer)."""
-        async with asyncio.timeout(self.config.deadline(self.store.nbytes)):
+        async with asyncio.timeout(self._pull_deadline()):
             conn = await self.node.open(addr)
             try:
                 request: dict[str, Any] = {"schema": self.store.schema}

@@ -264,3 +264,24 @@ async def test_counts_say_what_became_of_each_exchange(net):
     assert out.declined and not out.ok
     assert xa.counts == {**dict.fromkeys(xa.counts, 0), "started": 2, "declined_by_peer": 1}
     assert xb.counts == {**dict.fromkeys(xb.counts, 0), "answered": 1, "declined": 1}
+
+
+async def test_deadlines_follow_the_link_rate_exchanges_achieve(net):
+    # A slow link: a timed-out exchange halves the rate deadlines assume (down to a floor);
+    # a completed one sets it to half what it achieved, never above the configured rate.
+    from gossip.exchange import MIN_LINK_RATE
+
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2, size=250_000)
+    configured = xa.config.deadline_min_rate
+    first = xa.deadline()
+    assert first == pytest.approx(2.0 + 2 * 1e6 / configured)
+    xa._timed_out()
+    assert xa.link_rate == configured / 2 and xa.deadline() > first
+    for _ in range(100):
+        xa._timed_out()
+    assert xa.link_rate == MIN_LINK_RATE
+    out = await xa.exchange(b.addr)
+    assert out.ok, out.reason
+    assert MIN_LINK_RATE <= xa.link_rate <= configured
+    xa._completed(1.0)  # 1 MB each way in 1 s
+    assert xa.link_rate == pytest.approx(0.5e6)

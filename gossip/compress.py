@@ -294,8 +294,11 @@ class CompressedStream:
         if self.refused is not None:
             raise PayloadRefused(self.refused)
 
-    def apply_chunk(self, payload: memoryview, k: int, target: np.ndarray, factor: float) -> None:
-        """``target[chunk k] += factor * (remote - ours)`` (and the same into the anchor)."""
+    def apply_chunk(
+        self, payload: memoryview, k: int, target: np.ndarray, factor: float
+    ) -> np.ndarray:
+        """``target[chunk k] += factor * (remote - ours)`` (and the same into the anchor);
+        returns that chunk's delta (scratch, valid until the next call)."""
         start, end, _, _ = self.comp.spans[k]
         r = self.comp.decoded(np.frombuffer(payload, dtype=np.uint8), k)
         o = self.comp.own(k)
@@ -304,3 +307,4 @@ class CompressedStream:
         target[start:end] += r
         if self.anchor is not None:  # the anchor: our weights as the mix left them
             self.anchor.put(k, np.add(o, r, out=o))
+        return r

@@ -118,9 +118,12 @@ def _mix_compressed(
     """``current += factor * (D(theirs) - D(ours))``, chunk by chunk: no full-size delta,
     unless the store mirrors its weights elsewhere (a GPU), which takes the delta whole."""
     push = getattr(store, "push_delta", None)
-    if push is None:
-        for k in range(len(stream.comp.spans)):
-            stream.apply_chunk(frame.payload, k, store.array, factor)
+    push_chunk = getattr(store, "push_delta_chunk", None)
+    if push is None or push_chunk is not None:
+        for k, (start, end, _, _) in enumerate(stream.comp.spans):
+            delta = stream.apply_chunk(frame.payload, k, store.array, factor)
+            if push_chunk is not None:
+                push_chunk(start, end, delta)
         return
     delta = np.zeros_like(store.array)
     for k in range(len(stream.comp.spans)):

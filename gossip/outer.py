@@ -67,6 +67,10 @@ class OuterStore:
         """Called under the lock after ``array += delta``: shift the live weights too."""
         np.add(self.inner.array, delta, out=self.inner.array)
 
+    def push_delta_chunk(self, start: int, end: int, delta: np.ndarray) -> None:
+        """The same for values ``start:end`` (compressed exchanges mix chunk by chunk)."""
+        self.inner.array[start:end] += delta
+
     def load(self, vector: np.ndarray) -> None:
         """Take a neighbour's (outer) weights as ours: outer and live alike (a catch-up)."""
         if vector.shape != self.array.shape:

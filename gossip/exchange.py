@@ -555,11 +555,47 @@ class Exchanger:
     def _judged(self, addr: str, stream: DeltaStream, frame: Frame) -> np.ndarray | None:
         """The delta to mix (clipped if need be), None if we mix nothing in; raises
         ``UpdateRejected`` for a refused one."""
-        screening = self.config.robust.enabled and self.apply_received
-        try:
+        delta: np.ndarray | None = None
+
+        def check() -> None:
+            nonlocal delta
             if frame.type != MsgType.EXCH_PAYLOAD or frame.payload.nbytes != self._snap.nbytes:
                 raise UpdateRejected(f"{addr} sent a malformed payload")
             delta = stream.finish(np.frombuffer(frame.payload, dtype=np.float32))
+
+        scale = self._screen_update(addr, check, stream)
+        if scale is None or delta is None:
+            return None
+        if scale < 1.0:
+            delta *= np.float32(scale)  # clipped: one pass, in place
+        return delta
+
+    def _judged_compressed(self, addr: str, stream: CompressedStream, frame: Frame) -> float | None:
+        """The factor to mix the compressed delta with (1/2, clipped), None to mix
+        nothing; raises ``UpdateRejected`` for a refused one."""
+
+        def check() -> None:
+            if frame.type != MsgType.EXCH_PAYLOAD:
+                raise UpdateRejected(f"{addr} sent a malformed payload")
+            try:
+                stream.finish(frame.payload)
+            except PayloadRefused as exc:
+                why = str(exc)
+                raise UpdateRejected(why if why == OWN_NOT_FINITE else f"{addr}: {why}") from None
+            judge(stream.dist_sq, stream.snap_sq, self.config.guard)
+
+        scale = self._screen_update(addr, check, stream)
+        return None if scale is None else 0.5 * scale
+
+    def _screen_update(
+        self, addr: str, check: Callable[[], None], stream: DeltaStream | CompressedStream
+    ) -> float | None:
+        """``check()`` the payload (it raises ``UpdateRejected``), then screen the stream's
+        norms: the factor to mix with (1, or below 1 when clipped), None to mix nothing
+        (a poisoned peer of the chaos tool); raises ``UpdateRejected`` for a refused one."""
+        screening = self.config.robust.enabled and self.apply_received
+        try:
+            check()
         except UpdateRejected as exc:
             if str(exc).startswith("our own"):
                 self._check_own = True
@@ -571,60 +607,21 @@ class Exchanger:
             raise
         if not self.apply_received:
             return None
-        if screening:
-            # Once we stopped training, what we accept no longer says what honest deltas
-            # look like (finished peers converge to nothing): the reference stays put.
-            verdict = self.screen.judge(
-                addr,
-                stream.dist_sq,
-                stream.snap_sq,
-                time.monotonic(),
-                record=self.training,
-                remote_sq=stream.remote_sq,
-                drift_sq=stream.moved_sq,
-            )
-            self._screened(addr, verdict)
-            if verdict.scale < 1.0:
-                delta *= np.float32(verdict.scale)  # clipped: one pass, in place
-        return delta
-
-    def _judged_compressed(self, addr: str, stream: CompressedStream, frame: Frame) -> float | None:
-        """The factor to mix the compressed delta with (screened, clipped), None to mix
-        nothing; raises ``UpdateRejected`` for a refused one."""
-        screening = self.config.robust.enabled and self.apply_received
-        try:
-            if frame.type != MsgType.EXCH_PAYLOAD:
-                raise UpdateRejected(f"{addr} sent a malformed payload")
-            try:
-                stream.finish(frame.payload)
-            except PayloadRefused as exc:
-                why = str(exc)
-                raise UpdateRejected(why if why == OWN_NOT_FINITE else f"{addr}: {why}") from None
-            judge(stream.dist_sq, stream.snap_sq, self.config.guard)
-        except UpdateRejected as exc:
-            if str(exc).startswith("our own"):
-                raise
-            if not self.apply_received:
-                return None
-            if screening:
-                self._screened(addr, self.screen.refuse(addr, str(exc), time.monotonic()))
-            raise
-        if not self.apply_received:
-            return None
-        scale = 1.0
-        if screening:
-            verdict = self.screen.judge(
-                addr,
-                stream.dist_sq,
-                stream.snap_sq,
-                time.monotonic(),
-                record=self.training,
-                remote_sq=stream.remote_sq,
-                drift_sq=stream.moved_sq,
-            )
-            self._screened(addr, verdict)
-            scale = verdict.scale
-        return 0.5 * scale
+        if not screening:
+            return 1.0
+        # Once we stopped training, what we accept no longer says what honest deltas
+        # look like (finished peers converge to nothing): the reference stays put.
+        verdict = self.screen.judge(
+            addr,
+            stream.dist_sq,
+            stream.snap_sq,
+            time.monotonic(),
+            record=self.training,
+            remote_sq=stream.remote_sq,
+            drift_sq=stream.moved_sq,
+        )
+        self._screened(addr, verdict)
+        return verdict.scale
 
     def _screened(self, addr: str, verdict: Verdict) -> None:
         """Report a refusal (and a quarantine it started); raise ``UpdateRejected``."""

@@ -2,6 +2,7 @@
 
     gossip-train local --peers 4                 N peers on this machine, one process each
     gossip-train peer --listen H:P --join H:P    one peer, for running across machines
+    srun gossip-train peer --slurm ...           one peer per Slurm task, all from SLURM_*
     gossip-train members --peer H:P              the member list a running peer sees
     gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
     gossip-train chaos SCENARIO --run-dir DIR    inject faults into running peers
@@ -26,8 +27,10 @@ from .flags import (
     add_launcher_args,
     add_net_args,
     add_secret_arg,
+    add_slurm_args,
     add_task_arg,
     add_train_args,
+    index_arg,
     peer_config,
     validate,
 )
@@ -80,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:0)")
     p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
-    p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
+    p.add_argument(
+        "--join",
+        help="comma-separated HOST:PORT of known peers, first answer wins; dns:NAME:PORT "
+        "stands for every address NAME resolves to (resolved again while no peer is alive)",
+    )
     p.add_argument("--join-timeout", type=float, help="seconds to keep trying --join (default 10)")
     p.add_argument(
         "--wait-peers",
@@ -90,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "have joined (default: start at once)",
     )
     p.add_argument("--name", help="unique peer name (default: the advertised address)")
-    p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
+    p.add_argument(
+        "--index",
+        type=index_arg,
+        help="this peer's partition index (default 0); auto: the ordinal N of a StatefulSet "
+        "pod's hostname NAME-N",
+    )
     p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")
     p.add_argument("--run-dir", help="folder for this peer's results (default runs/peer)")
     p.add_argument(
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     add_net_args(p)
     add_checkpoint_args(p, "--checkpoint-dir")
+    add_slurm_args(p)
 
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")

@@ -32,6 +32,7 @@ from .flags import (
     add_train_args,
     index_arg,
     peer_config,
+    slurm_wanted,
     validate,
 )
 from .runtime import EXIT_USAGE, UserError, first_line, is_user_error, run_async, setup_logging
@@ -180,6 +181,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     cfg = peer_config(args)
     validate(cfg)
+    if slurm_wanted(args.slurm, os.environ):
+        from pathlib import Path
+
+        from .config import save_config
+
+        # What a launcher would have written: this task's settings, next to its events, for
+        # `gossip-train summary JOB_DIR` and for whoever looks at the job folder later.
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.json")
     fd = args.events_fd if args.events_fd is not None else (1 if args.events == "jsonl" else None)
     result = run_peer(cfg, fd, quiet=args.events == "jsonl")
     if args.events != "jsonl":

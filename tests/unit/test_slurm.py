@@ -3,6 +3,7 @@ StatefulSet ordinals (``--index auto``); ``dns:`` seeds. Bad input: one line, ex
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,30 @@ def test_a_name_that_does_not_resolve_is_one_line():
 def test_sbatch_script_is_shipped():
     text = (ROOT / "deploy/slurm/train.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "--slurm" in text and "--secret-file" in text
+
+
+def test_summary_of_a_job_folder_without_run_json(tmp_path):
+    from trainer.launch import summary
+
+    for i in range(2):
+        folder = tmp_path / f"peer-{i}"
+        folder.mkdir()
+        lines = [
+            {"ts": 10.0 + i, "peer": f"n{i}:7400", "kind": "listening", "addr": f"n{i}:7400"},
+            {"ts": 12.0 + i, "peer": f"n{i}:7400", "kind": "finished", "steps": 5},
+        ]
+        (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (tmp_path / "peer-x").mkdir()  # not a peer's folder
+    built = summary.build(tmp_path, consensus=False)
+    assert [(p["name"], p["status"], p["steps"]) for p in built["peers"]] == [
+        ("n0:7400", "finished", 5),
+        ("n1:7400", "finished", 5),
+    ]
+    assert built["events"][0]["t"] == 0.0
+
+
+def test_summary_of_an_empty_folder_is_one_line(tmp_path):
+    from trainer.launch import summary
+
+    with pytest.raises(summary.SummaryError, match="not a run folder"):
+        summary.build(tmp_path, consensus=False)

@@ -268,7 +268,7 @@ def test_four_tasks_train_and_three_finish_after_one_is_killed(cluster):
         [
             "sbatch", "--wait", "--parsable", "--overcommit", "--ntasks=4", "--time=5",
             str(ROOT / "deploy/slurm/train.sbatch"),
-            "--epochs", "3", "--threads", "1", "--profile", "test", "--linger", "20",
+            "--epochs", "2", "--threads", "1", "--profile", "test", "--linger", "20",
         ],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -291,6 +291,9 @@ def test_four_tasks_train_and_three_finish_after_one_is_killed(cluster):
         if sbatch.poll() is None:
             sbatch.kill()
             sbatch.wait()
+        for pipe in (sbatch.stdout, sbatch.stderr):
+            if pipe is not None:
+                pipe.close()
     out = (workdir / f"gossip-train-{job_id}.out").read_text()
     assert rc != 0, out[-2000:]  # the step reports its killed task
     summary = json.loads((job_dir / "summary.json").read_text())

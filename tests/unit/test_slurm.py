@@ -265,3 +265,18 @@ def test_summary_of_an_empty_folder_is_one_line(tmp_path):
 
     with pytest.raises(summary.SummaryError, match="not a run folder"):
         summary.build(tmp_path, consensus=False)
+
+
+def test_gossip_optimizer_settings_under_srun(monkeypatch):
+    from trainer.own_loop import own_loop_config
+
+    for k, v in job_env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("GOSSIP_TRAIN_SLURM_PORT_BASE", "9100")
+    for key in ("GOSSIP_TRAIN_CONFIG", SLURM_OFF_ENV, "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = own_loop_config({"secret_file": "/k"})
+    assert (cfg.index, cfg.num_peers, cfg.advertise) == (3, 7, "n02:9101")
+    assert cfg.run_dir == "/home/u/gossip-train-42/peer-3" and cfg.secret_file == "/k"
+    monkeypatch.setenv(SLURM_OFF_ENV, "0")
+    assert own_loop_config({}).index == 0

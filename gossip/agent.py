@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from p2p import dns
 from p2p.framing import Frame, MsgType
 from p2p.membership import JoinError, Membership
 from p2p.node import Node, NodeConfig
@@ -69,6 +70,10 @@ CLOSE_TIMEOUT = 5.0
 ABORT_TIMEOUT = 0.5
 # Rounds a peer tries for its one exchange after every member has finished.
 LAST_EXCHANGE_ROUNDS = 3
+# Seconds between resolutions of ``dns:`` seeds while the name has no records yet, and
+# between re-resolutions while no member is alive.
+RESOLVE_RETRY = 1.0
+REDISCOVER_SECONDS = 2.0
 
 
 class AgentError(Exception):
@@ -267,6 +272,10 @@ class Agent:
 
     async def _join(self, seeds: list[str]) -> None:
         assert self.membership is not None
+        if any(dns.is_dns(s) for s in seeds):
+            specs = list(seeds)
+            seeds = await self._resolve_seeds(specs)
+            self._spawn(self._rediscover(specs), "rediscover")
         seeds = [a for a in seeds if a != self.node.addr]
         if not seeds:
             return
@@ -284,6 +293,44 @@ class Agent:
             if not self.resumed:
                 raise AgentError(str(exc)) from None
             log.warning("%s; resuming alone", exc)
+
+    async def _resolve_seeds(self, specs: list[str]) -> list[str]:
+        """The addresses behind ``dns:`` seeds, retried until ``join_timeout``: a Service's
+        records appear only once its pods have addresses. Only our own record (the first
+        pod of a swarm) is an answer too: we start alone and ``_rediscover`` merges us."""
+        deadline = time.monotonic() + self.config.join_timeout
+        while True:
+            try:
+                found = await dns.expand(specs)
+            except dns.DnsError as exc:
+                if time.monotonic() + RESOLVE_RETRY > deadline:
+                    if self.resumed:
+                        log.warning("%s; resuming alone", exc)
+                        return []
+                    raise AgentError(str(exc)) from None
+                log.info("%s; retrying", exc)
+                await asyncio.sleep(RESOLVE_RETRY)
+                continue
+            self.emit("resolved", seeds=specs, addrs=found)
+            return found
+
+    async def _rediscover(self, specs: list[str]) -> None:
+        """While no member is alive (we started alone, or every neighbour we knew is gone),
+        resolve the ``dns:`` seeds again and join through what they name now."""
+        assert self.membership is not None
+        while True:
+            await asyncio.sleep(REDISCOVER_SECONDS)
+            if self._left or self.alive_count() > 0:
+                continue
+            try:
+                found = await dns.expand(specs)
+            except dns.DnsError as exc:
+                log.debug("rediscover: %s", exc)
+                continue
+            addrs = [a for a in found if a != self.node.addr]
+            if addrs:
+                log.info("no live member; joining again through %s", ", ".join(addrs))
+                self.membership.rejoin(addrs)
 
     async def _assemble(self) -> None:
         """Wait for ``wait_peers`` members (self included), at most ``join_timeout``."""

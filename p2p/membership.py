@@ -121,6 +121,12 @@ class Membership:
             listed = ", ".join(seeds)
             raise JoinError(f"no peer answered at {listed} within {timeout} s") from None
 
+    def rejoin(self, seeds: list[str]) -> None:
+        """Join again through ``seeds`` (fresh addresses of a DNS name) without waiting: for
+        a member that has nobody alive left. The next reply merges us into their group."""
+        self._dispatch(self.swim.rejoin(seeds, self._clock()))
+        self._wake.set()
+
     async def leave(self, timeout: float) -> None:
         """Announce a graceful leave, wait up to ``timeout`` s for it to spread, stop run()."""
         self._dispatch(self.swim.leave(self._clock()))

@@ -541,6 +541,12 @@ class Swim:
         self._retry_join(now, outs)
         return outs
 
+    def rejoin(self, seeds: list[str], now: float) -> list[Out]:
+        """join() again, through new seeds, although we joined once: a member alone (its
+        group gone, or two groups that formed apart) reaches out until one answers."""
+        self._joined = False
+        return self.join(seeds, now)
+
     def _retry_join(self, now: float, outs: list[Out]) -> None:
         if self._joined or not self._seeds:
             self._next_join = math.inf

@@ -2,6 +2,7 @@
 
     gossip-train local --peers 4                 N peers on this machine, one process each
     gossip-train peer --listen H:P --join H:P    one peer, for running across machines
+    srun gossip-train peer --slurm ...           one peer per Slurm task, all from SLURM_*
     gossip-train members --peer H:P              the member list a running peer sees
     gossip-train eval MODEL --dataset mnist ...  accuracy of a final model or checkpoint
     gossip-train chaos SCENARIO --run-dir DIR    inject faults into running peers
@@ -28,9 +29,12 @@ from .flags import (
     add_monitor_args,
     add_net_args,
     add_secret_arg,
+    add_slurm_args,
     add_task_arg,
     add_train_args,
+    index_arg,
     peer_config,
+    slurm_wanted,
     validate,
 )
 from .runtime import EXIT_USAGE, UserError, first_line, is_user_error, run_async, setup_logging
@@ -84,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:0)")
     p.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
-    p.add_argument("--join", help="comma-separated HOST:PORT of known peers; first answer wins")
+    p.add_argument(
+        "--join",
+        help="comma-separated HOST:PORT of known peers, first answer wins; dns:NAME:PORT "
+        "stands for every address NAME resolves to (resolved again while no peer is alive)",
+    )
     p.add_argument("--join-timeout", type=float, help="seconds to keep trying --join (default 10)")
     p.add_argument(
         "--wait-peers",
@@ -94,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "have joined (default: start at once)",
     )
     p.add_argument("--name", help="unique peer name (default: the advertised address)")
-    p.add_argument("--index", type=int, help="this peer's partition index (default 0)")
+    p.add_argument(
+        "--index",
+        type=index_arg,
+        help="this peer's partition index (default 0); auto: the ordinal N of a StatefulSet "
+        "pod's hostname NAME-N",
+    )
     p.add_argument("--num-peers", type=int, help="number of partitions (default 1)")
     p.add_argument("--run-dir", help="folder for this peer's results (default runs/peer)")
     p.add_argument(
@@ -130,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_net_args(p)
     add_checkpoint_args(p, "--checkpoint-dir")
     add_monitor_args(p)
+    add_slurm_args(p)
 
     p = sub.add_parser("members", help="print the member list a running peer sees")
     p.add_argument("--peer", required=True, help="HOST:PORT of a running peer")
@@ -183,6 +197,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     cfg = peer_config(args)
     validate(cfg)
+    if slurm_wanted(args.slurm, os.environ):
+        from pathlib import Path
+
+        from .config import save_config
+
+        # What a launcher would have written: this task's settings, next to its events, for
+        # `gossip-train summary JOB_DIR` and for whoever looks at the job folder later.
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.json")
     fd = args.events_fd if args.events_fd is not None else (1 if args.events == "jsonl" else None)
     result = run_peer(cfg, fd, quiet=args.events == "jsonl")
     if args.events != "jsonl":

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from gossip.policy import ScheduleConfig
 
 from .config import CheckpointConfig, LaunchConfig, PeerConfig, TrainConfig
+from .launch import k8s, slurm
 from .runtime import UserError
+
+# Set to 0 in a process's environment: no Slurm auto-detection there (the launchers' peers).
+SLURM_OFF_ENV = "GOSSIP_TRAIN_SLURM"
 
 T, G, C, P, L = TrainConfig(), ScheduleConfig(), CheckpointConfig(), PeerConfig(), LaunchConfig()
 # First metrics port of `local --metrics` / `run --metrics` (examples/prometheus.yml scrapes
@@ -274,10 +280,73 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
 
 
+def index_arg(text: str) -> int | str:
+    """``--index``: a number, or ``auto`` (the StatefulSet ordinal of this host's name)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def add_slurm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slurm")
+    g.add_argument(
+        "--slurm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="take --index, --num-peers, --listen, --advertise, --join, --run-dir and "
+        "--checkpoint-dir from srun's SLURM_* variables (flags still override). Default: on "
+        "when SLURM_PROCID, SLURM_NTASKS and SLURM_JOB_NODELIST are all set and "
+        f"{SLURM_OFF_ENV} is not 0; --no-slurm turns it off",
+    )
+    g.add_argument(
+        "--slurm-port-base",
+        type=int,
+        default=slurm.DEFAULT_PORT_BASE,
+        metavar="PORT",
+        help="under Slurm, task LOCALID listens on PORT + LOCALID on its node "
+        f"(default {slurm.DEFAULT_PORT_BASE})",
+    )
+
+
+def slurm_wanted(flag: bool | None, env: Mapping[str, str]) -> bool:
+    """--slurm / --no-slurm, else auto-detection (which the launchers turn off for their
+    own peers through SLURM_OFF_ENV: a `gossip-train local` inside a job is not N tasks)."""
+    if flag is not None:
+        return flag
+    return env.get(SLURM_OFF_ENV) != "0" and slurm.detected(env)
+
+
+def slurm_defaults(cfg: PeerConfig, env: Mapping[str, str], port_base: int) -> PeerConfig:
+    """``cfg`` with what Slurm tells this task: its index, the step's size, its address and
+    every task's as seeds, a folder in the job's, and checkpoints on (a requeued task resumes
+    from them)."""
+    s = slurm.settings(env, port_base)
+    return dataclasses.replace(
+        cfg,
+        index=s.index,
+        num_peers=s.num_peers,
+        listen=s.listen,
+        advertise=s.advertise,
+        join=s.join,
+        run_dir=s.run_dir,
+        join_timeout=max(cfg.join_timeout, slurm.JOIN_TIMEOUT),
+        wait_peers=s.num_peers,
+        linger_seconds=cfg.linger_seconds or slurm.LINGER,
+        checkpoint=dataclasses.replace(
+            cfg.checkpoint, directory=cfg.checkpoint.directory or s.checkpoint_dir
+        ),
+    )
+
+
 def peer_config(args: argparse.Namespace) -> Any:
     from .config import PeerConfig, load_toml
 
     cfg = load_toml(args.config) if getattr(args, "config", None) else PeerConfig()
+    if hasattr(args, "slurm") and slurm_wanted(args.slurm, os.environ):
+        cfg = slurm_defaults(cfg, os.environ, args.slurm_port_base)
     top: dict[str, Any] = {}
     for key in (
         "listen",
@@ -332,18 +401,23 @@ def peer_config(args: argparse.Namespace) -> Any:
     for flag, key in (("outer_steps", "steps"), ("outer_lr", "lr"), ("outer_momentum", "momentum")):
         if getattr(args, flag, None) is not None:
             outer = dataclasses.replace(outer, **{key: getattr(args, flag)})
+    if top.get("index") == "auto":
+        top["index"] = k8s.own_ordinal(top.get("num_peers", cfg.num_peers))
     return dataclasses.replace(
         cfg, train=train, schedule=schedule, gossip=gossip, outer=outer, **top
     )
 
 
 def validate(cfg: Any) -> None:
+    from p2p import dns
     from p2p.transport import parse_addr
 
     from .partition import parse_scheme
 
     for addr in (cfg.listen, cfg.advertise, *cfg.join):
-        if addr is not None:
+        if addr is not None and dns.is_dns(addr):
+            dns.parse(addr)
+        elif addr is not None:
             parse_addr(addr)
     if cfg.secret_file is not None:
         from p2p.secure import Keyring

@@ -15,7 +15,10 @@ and every ``opt.step()`` on the user's thread plays the part of one of our steps
 update under the weights lock, the step counter, checkpoints, the gossip period).
 
 Settings come from keyword arguments, then from the variables ``gossip-train run`` sets
-(``GOSSIP_TRAIN_*``, ``RANK``, ``WORLD_SIZE``), then from the defaults of ``PeerConfig``.
+(``GOSSIP_TRAIN_*``, ``RANK``, ``WORLD_SIZE``) or, under ``srun``, Slurm's (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_JOB_NODELIST``, ...: see ``trainer.launch.slurm``; the ports start
+at ``GOSSIP_TRAIN_SLURM_PORT_BASE``, ``GOSSIP_TRAIN_SLURM=0`` turns this off), then from the
+defaults of ``PeerConfig``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any
 import torch
 
 from .config import ENV_PREFIX, LaunchConfig, PeerConfig, load_config
+from .flags import slurm_defaults, slurm_wanted
+from .launch import slurm
 from .loop import BOUND_CHECK_EVERY, StepInfo, TrainerBase
 
 # Seconds an exiting interpreter waits for a peer its script never closed (a failing peer:
@@ -166,6 +171,11 @@ def own_loop_config(kw: dict[str, Any]) -> PeerConfig:
     path = _env("CONFIG")
     if path is not None:
         base = load_config(path)
+    elif slurm_wanted(None, os.environ):
+        # Under srun: the same settings `gossip-train peer --slurm` takes (index, size,
+        # addresses, seeds, run folder, checkpoints) from SLURM_*.
+        port_base = int(_env("SLURM_PORT_BASE") or slurm.DEFAULT_PORT_BASE)
+        base = slurm_defaults(PeerConfig(), os.environ, port_base)
     else:
         rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
         base = PeerConfig(index=int(rank), num_peers=int(world), linger_seconds=LaunchConfig.linger)

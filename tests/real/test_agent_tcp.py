@@ -58,3 +58,34 @@ async def test_a_peer_whose_swarm_never_forms_starts_alone_after_the_join_timeou
         assert lone.status == "training"
     finally:
         await lone.close()
+
+
+async def test_a_peer_joins_through_a_dns_name():
+    first, _ = agent(wait_peers=2)
+    start = asyncio.create_task(first.start())
+    await asyncio.sleep(0.2)
+    port = first.node.addr.rpartition(":")[2]
+    second, events = agent(wait_peers=2, join=(f"dns:localhost:{port}",))
+    try:
+        async with asyncio.timeout(20):
+            await asyncio.gather(start, second.start())
+        (resolved,) = [e for e in events.seen if e["kind"] == "resolved"]
+        assert f"127.0.0.1:{port}" in resolved["addrs"]
+        assert second.alive_count() == 1 and first.alive_count() == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_dns_name_that_does_not_resolve_is_an_agent_error():
+    import pytest
+
+    from gossip.agent import AgentError
+
+    lone, _ = agent(wait_peers=0, join=("dns:no-such-host.invalid:7000",), timeout=0.5)
+    try:
+        with pytest.raises(AgentError, match="no-such-host.invalid"):
+            async with asyncio.timeout(15):
+                await lone.start()
+    finally:
+        await lone.abort()

@@ -80,3 +80,18 @@ def test_local_with_a_wrong_data_dir_fails_once_before_starting_peers(tmp_path):
     )
     assert_one_line_error(rc, err, "nope")
     assert not (tmp_path / "run" / "peer-0").exists()
+
+
+def test_join_dns_name_that_does_not_resolve():
+    rc, _, err = run(
+        "peer", "--join", "dns:no-such-host.invalid:7000", "--join-timeout", "1", "--epochs", "0.01"
+    )
+    assert_one_line_error(rc, err, "dns:no-such-host.invalid:7000")
+
+
+def test_slurm_with_an_empty_node_list(monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-")
+    rc, _, err = run("peer", "--slurm", "--epochs", "0.01")
+    assert_one_line_error(rc, err, "bad host list", "n[1-")

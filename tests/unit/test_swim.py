@@ -169,6 +169,20 @@ def test_join_repeats_until_a_seed_answers() -> None:
     assert not [m for dst, m in later if m["type"] == "push_pull" and m["join"]]
 
 
+def test_rejoin_reaches_out_again_after_a_join() -> None:
+    # Two peers that each started alone (a DNS name listed only themselves) merge once one
+    # of them joins again through the other's fresh address.
+    swims = {"a": node("a"), "b": node("b", seed=1)}
+    deliver(swims, swims["b"].join([addr("c")], 0.0), 0.0, drop={"c"})
+    assert not swims["b"].rejoin([addr("b")], 1.0)  # only ourselves: nothing to send
+    outs = swims["b"].rejoin([addr("a")], 1.0)
+    assert [dst for dst, m in outs if m["type"] == "push_pull" and m["join"]] == [addr("a")]
+    deliver(swims, outs, 1.0)
+    assert swims["b"].joined()
+    assert [m.name for m in swims["a"].alive()] == ["b"]
+    assert [m.name for m in swims["b"].alive()] == ["a"]
+
+
 def test_lonely_peer_falls_back_to_seeds() -> None:
     cfg = dataclasses.replace(LAN, push_pull_interval=5.0)
     swims = {"a": node("a", cfg), "b": node("b", cfg, seed=1)}

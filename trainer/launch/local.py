@@ -815,8 +815,11 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def run_local(args: argparse.Namespace) -> int:
+    from ..flags import SLURM_OFF_ENV
     from ..runtime import run_async
 
+    # Inside a Slurm job our peers would otherwise take SLURM_PROCID & co. for their own.
+    os.environ[SLURM_OFF_ENV] = "0"
     baseline = run_baseline(args)
     run = LocalRun(args)
     t0 = time.time()

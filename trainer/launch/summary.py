@@ -146,6 +146,24 @@ def _peer_dirs(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]
     return [(p["name"], p["addr"], run_dir / p["dir"]) for p in run["peers"]]
 
 
+def discover(run_dir: Path) -> dict[str, Any] | None:
+    """What run.json would say of a folder of ``peer-<i>`` folders that no launcher wrote
+    (a Slurm job's: each task made its own): the peers as their events name them, time zero
+    at the first event. None if there is no peer's events file."""
+    peers: list[dict[str, Any]] = []
+    first: list[float] = []
+    folders = [d for d in run_dir.glob("peer-*") if d.name[5:].isdigit()]
+    for folder in sorted(folders, key=lambda d: int(d.name[5:])):
+        events = read_events(folder / "events.jsonl")
+        listening = next((e for e in events if e.get("kind") == "listening"), None)
+        if listening is None:
+            continue
+        first.append(float(events[0].get("ts", 0)))
+        addr = str(listening.get("addr", ""))
+        peers.append({"name": str(listening.get("name") or addr), "addr": addr, "dir": folder.name})
+    return {"ts": min(first), "peers": peers} if peers else None
+
+
 def build(run_dir: str | Path, wall: float | None = None, consensus: bool = True) -> dict:
     """summary.json's content for ``run_dir`` (and the consensus model, when it can)."""
     from ..evaluate import consensus as make_consensus
@@ -154,7 +172,12 @@ def build(run_dir: str | Path, wall: float | None = None, consensus: bool = True
     try:
         run = json.loads((run_dir / RUN_FILE).read_text())
     except FileNotFoundError:
-        raise SummaryError(f"{run_dir}: not a run folder (no {RUN_FILE})") from None
+        found = discover(run_dir)
+        if found is None:
+            raise SummaryError(
+                f"{run_dir}: not a run folder (no {RUN_FILE}, no peer-<i>/events.jsonl)"
+            ) from None
+        run = found
     except (OSError, ValueError) as exc:
         raise SummaryError(f"{run_dir / RUN_FILE}: unreadable ({exc})") from None
     t0 = float(run["ts"])

@@ -68,6 +68,8 @@ FINISHED = "finished"  # the meta of a member that has trained its last step
 LEAVE_TIMEOUT = 2.0
 CLOSE_TIMEOUT = 5.0
 ABORT_TIMEOUT = 0.5
+# Longest a neighbour whose exchanges keep failing is tried last, in seconds.
+UNREACHABLE_MAX_BACKOFF = 30.0
 # Rounds a peer tries for its one exchange after every member has finished.
 LAST_EXCHANGE_ROUNDS = 3
 # Seconds between resolutions of ``dns:`` seeds while the name has no records yet, and
@@ -136,6 +138,8 @@ class Agent:
         self.lingered: float | None = None
         self.linger_reason = ""
         self._partnered: set[str] = set()
+        # Neighbours whose last exchange failed: address -> (tried last until, back-off).
+        self._unreachable: dict[str, tuple[float, float]] = {}
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed: asyncio.Future[BaseException] | None = None
@@ -432,7 +436,15 @@ class Agent:
             for _, addr in self.membership.alive_addrs()
             if addr not in self.exchanger.incompatible and not self.exchanger.quarantined(addr)
         ]
-        return partner_order(addrs, self._partnered, self.rng)
+        order = partner_order(addrs, self._partnered, self.rng)
+        if not self._unreachable:
+            return order
+        # Neighbours whose last exchange failed (cut off, stalled) go last until their
+        # back-off ends: otherwise each round would wait out their timeouts first, while a
+        # reachable partner is tried third, or never (a partition stalled exchanges so).
+        now = time.monotonic()
+        late = {a for a, (until, _) in self._unreachable.items() if until > now}
+        return [a for a in order if a not in late] + [a for a in order if a in late]
 
     async def _gossip_loop(self) -> None:
         budget = CpuBudget(self.config.schedule.time_budget)
@@ -452,6 +464,14 @@ class Agent:
         for addr in self.neighbours()[: self.config.schedule.max_attempts]:
             out = await self.exchanger.exchange(addr)
             self.on_exchange(out)
+            if out.ok or out.busy or out.declined:
+                self._unreachable.pop(addr, None)  # it answered
+            else:
+                _, last = self._unreachable.get(addr, (0.0, 0.0))
+                backoff = min(UNREACHABLE_MAX_BACKOFF, max(1.0, 2 * last))
+                self._unreachable[addr] = (time.monotonic() + backoff, backoff)
+                while len(self._unreachable) > 1024:  # addresses of members long gone
+                    self._unreachable.pop(next(iter(self._unreachable)))
             if out.ok:
                 self._partnered.add(addr)
                 self.exchange_seconds += out.seconds

@@ -1,5 +1,7 @@
 """A real one-node Slurm cluster (Debian's slurm-wlm and munge) runs the shipped batch
 script: 4 tasks train one model, one task is SIGKILLed mid-run, the other three finish.
+A second cluster has a slurmd in each of two network namespaces, nodes with names and
+addresses of their own: a job of 4 tasks on both trains across them.
 
 The set-up installs the packages when they are missing (apt-get), makes a munge key,
 writes a slurm.conf for this machine (its real hostname and CPU count, every file under
@@ -315,3 +317,118 @@ def test_four_tasks_train_and_three_finish_after_one_is_killed(cluster):
         assert cfg["secret_file"] == str(job_dir / "swarm.key")
     assert not job_pids(job_id)
     print(f"slurm job {job_id}: {time.monotonic() - t0:.1f} s, {status}")
+
+
+class TwoHosts(Cluster):
+    """slurmctld on this machine, at the address of the namespaces' bridge, and one slurmd in
+    each of two network namespaces: two nodes with their own names (the namespaces', which
+    every namespace's /etc/hosts lists) and addresses, so the node list names two hosts."""
+
+    def __init__(self, root: Path, net) -> None:
+        super().__init__(root)
+        self.net = net
+        self.nodes = [net.ns(i) for i in range(2)]
+
+    def write_config(self) -> None:
+        super().write_config()
+        r = self.root
+        per_node = ("SlurmctldHost=", "NodeName=", "PartitionName=", "SlurmdSpoolDir=")
+        per_node += ("SlurmdPidFile=", "SlurmdLogFile=")
+        lines = [ln for ln in self.conf.read_text().splitlines() if not ln.startswith(per_node)]
+        lines += [
+            f"SlurmctldHost={self.host}({self.net.host_ip})",
+            f"SlurmdSpoolDir={r / 'spool'}/%n",  # %n: the node's name, one folder each
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            *(
+                f"NodeName={n} NodeAddr={self.net.ip(i)} CPUs=2 State=UNKNOWN"
+                for i, n in enumerate(self.nodes)
+            ),
+            f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE "
+            "State=UP OverSubscribe=FORCE",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+        for n in self.nodes:
+            (r / "spool" / n).mkdir()
+
+    def start(self) -> None:
+        r = self.root
+        self._start(
+            "munged",
+            [
+                "munged", "--foreground", "--force", f"--socket={r / 'munge.sock'}",
+                f"--key-file={r / 'munge.key'}", f"--pid-file={r / 'munged.pid'}",
+                f"--log-file={r / 'munged.log'}", f"--seed-file={r / 'munged.seed'}",
+            ],
+        )  # fmt: skip
+        self._wait(lambda: (r / "munge.sock").exists(), 10, "munged's socket")
+        self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        for n in self.nodes:  # munge's socket is a file: every namespace sees it
+            # Not `ip netns exec`: it mounts a /sys of the namespace's own, without the cgroup
+            # file systems slurmd needs. Only the network namespace is entered, and in a
+            # private mount namespace the node's /etc/hosts (naming every node) is bound over
+            # the host's, as `ip netns exec` would.
+            hosts = f"/etc/netns/{n}/hosts"
+            run = f"mount --bind {hosts} /etc/hosts && exec slurmd -D -f {self.conf} -N {n}"
+            argv = ["nsenter", f"--net=/var/run/netns/{n}", "unshare", "--mount"]
+            self._start(f"slurmd-{n}", [*argv, "--propagation", "private", "sh", "-c", run])
+        self._wait(lambda: self.node_states() == ["idle", "idle"], 40, "both nodes idle")
+
+    def node_states(self) -> list[str]:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+        return out.stdout.split()
+
+    def stop(self) -> None:
+        slurmds = [n for n in self.procs if n.startswith("slurmd-")]
+        for name in slurmds:  # the base class stops "slurmd", "slurmctld", "munged"
+            self.procs["slurmd"] = self.procs.pop(name)
+            super().stop()
+        if not slurmds:
+            super().stop()
+
+
+@pytest.mark.real
+def test_a_job_on_two_namespace_hosts_trains_across_both(tmp_path):
+    from trainer.chaos.netns import NamespaceNet, netns_available
+
+    install()
+    if os.geteuid() != 0 or not netns_available():
+        if IN_CI:
+            pytest.fail("CI=true: network namespaces are not available (root and ip netns)")
+        pytest.skip("needs root and network namespaces")
+    net = NamespaceNet(2).create()
+    root = Path(tempfile.mkdtemp(prefix="gt-slurm2-"))
+    c = TwoHosts(root, net)
+    try:
+        c.write_config()
+        c.start()
+        workdir = root / "job"
+        env = {**c.env, "GOSSIP_TRAIN": f"{sys.executable} -m trainer.cli", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [
+                "sbatch", "--wait", "--parsable", "--overcommit", "--nodes=2", "--ntasks=4",
+                "--time=5", str(ROOT / "deploy/slurm/train.sbatch"),
+                "--epochs", "1", "--threads", "1", "--profile", "test", "--linger", "20",
+            ],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        job_id = proc.stdout.strip().split(";")[0]
+        out = (workdir / f"gossip-train-{job_id}.out").read_text() if job_id.isdigit() else ""
+        assert proc.returncode == 0, (proc.stderr + out)[-3000:]
+        summary = json.loads((workdir / f"gossip-train-{job_id}" / "summary.json").read_text())
+        peers = summary["peers"]
+        assert [p["status"] for p in peers] == ["finished"] * 4, peers
+        assert all(p["exchanges"] > 0 for p in peers), peers
+        # Two tasks on each node, at its own name and address: the node list named both.
+        addrs = sorted(p["addr"] for p in peers)
+        assert addrs == sorted(f"{n}:{port}" for n in c.nodes for port in (7400, 7401)), addrs
+    finally:
+        c.stop()
+        pids = [p.pid for p in c.procs.values()]
+        net.close()
+        shutil.rmtree(root, ignore_errors=True)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid

@@ -62,6 +62,17 @@ def tier_of(path: Path) -> str | None:
     return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Test files are imported by basename (rootdir-relative sys.path): two of one name in
+    different tiers break the run that collects both, so say so whichever tier runs."""
+    seen: dict[str, Path] = {}
+    for path in sorted(TESTS.glob("*/test_*.py")):
+        other = seen.setdefault(path.name, path)
+        if other != path:
+            rel = [str(p.relative_to(TESTS.parent)) for p in (other, path)]
+            raise pytest.UsageError(f"{rel[0]} and {rel[1]}: test files need distinct names")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test sits in a tier, and only tests/real starts real peer processes."""
     for item in items:

@@ -322,6 +322,8 @@ class Exchanger:
         """One push-pull with ``addr``. Never raises for network trouble: see ``Outcome``."""
         if self._busy:
             return Outcome(False, addr, "we are busy", busy=True)
+        if not self.ready:  # catching up, resyncing, or done (quiesce)
+            return Outcome(False, addr, "not exchanging now", busy=True)
         if self.quarantined(addr):
             return Outcome(False, addr, f"quarantined: {self.screen.why(addr)}")
         self.counts["started"] += 1
@@ -393,6 +395,14 @@ class Exchanger:
                 self._keep(addr, conn)
             else:
                 conn.close()
+
+    async def quiesce(self, timeout: float) -> None:
+        """Stop taking part: decline offers, start no exchange, and wait up to ``timeout``
+        for the one in flight to end (a peer about to report and save its final weights)."""
+        self.ready = False
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def deadline(self) -> float:
         """Seconds one exchange may take, at the link rate we have seen."""

@@ -360,9 +360,9 @@ class Peer:
         t = self.trainer
         a = self.agent
         assert a is not None
-        # Decline exchanges from now on: the accuracy reported, final.pt and the last
-        # checkpoint must all be the same weights.
-        a.exchanger.ready = False
+        # No exchange from now on, and none still in flight: the accuracy reported,
+        # final.pt and the last checkpoint must all be the same weights.
+        await a.exchanger.quiesce(a.exchanger.deadline())
         metrics = await asyncio.to_thread(t.evaluate, True)
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final.pt"

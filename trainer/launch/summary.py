@@ -104,6 +104,8 @@ def peer_record(
         "final_model": r.get("final_model"),
         "checkpoint": r.get("checkpoint", latest("checkpoint")),
         "rejected_updates": r.get("rejected_updates"),
+        "compress": r.get("compress"),
+        "outer_steps": r.get("outer_steps"),
         "screening": r.get("screening"),
         "poisoned": r.get("poisoned"),
         "restarts": sum(1 for e in mine if e.get("kind") == "restarted"),

@@ -139,6 +139,9 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverS
         )  # fmt: skip
         self._wait(lambda: (r / "munge.sock").exists(), 10, "munged's socket")
         self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self.start_nodes()
+
+    def start_nodes(self) -> None:
         self._start("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.host])
         self._wait(lambda: self.sinfo() in ("idle", "idle*"), 40, "the node idle in sinfo")
 
@@ -166,13 +169,14 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverS
         return text
 
     def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged (in that order)."""
+        """Cancel every job, then stop the slurmds, slurmctld and munged (in that order)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env, timeout=10)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self._queue():
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [n for n in self.procs if n.startswith("slurmd")]  # one, or one a node
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -351,18 +355,7 @@ class TwoHosts(Cluster):
         for n in self.nodes:
             (r / "spool" / n).mkdir()
 
-    def start(self) -> None:
-        r = self.root
-        self._start(
-            "munged",
-            [
-                "munged", "--foreground", "--force", f"--socket={r / 'munge.sock'}",
-                f"--key-file={r / 'munge.key'}", f"--pid-file={r / 'munged.pid'}",
-                f"--log-file={r / 'munged.log'}", f"--seed-file={r / 'munged.seed'}",
-            ],
-        )  # fmt: skip
-        self._wait(lambda: (r / "munge.sock").exists(), 10, "munged's socket")
-        self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+    def start_nodes(self) -> None:
         for n in self.nodes:  # munge's socket is a file: every namespace sees it
             # Not `ip netns exec`: it mounts a /sys of the namespace's own, without the cgroup
             # file systems slurmd needs. Only the network namespace is entered, and in a
@@ -380,14 +373,6 @@ class TwoHosts(Cluster):
             timeout=10,
         )  # fmt: skip
         return out.stdout.split()
-
-    def stop(self) -> None:
-        slurmds = [n for n in self.procs if n.startswith("slurmd-")]
-        for name in slurmds:  # the base class stops "slurmd", "slurmctld", "munged"
-            self.procs["slurmd"] = self.procs.pop(name)
-            super().stop()
-        if not slurmds:
-            super().stop()
 
 
 @pytest.mark.real

@@ -355,8 +355,8 @@ class Agent:
         """Take a live neighbour's current weights before contributing our own.
 
         A restarted peer's checkpoint is stale and a newcomer's init is random; either would
-        drag the swarm back if mixed in. A neighbour still at step 0 has our own init (same
-        seed), so a fresh swarm starts without a pull.
+        drag the swarm back if mixed in. A neighbour less than a gossip period ahead holds
+        about our own init (same seed), so a fresh swarm starts without moving weights.
         """
         if not self.config.join and not self.resumed:
             return
@@ -365,13 +365,17 @@ class Agent:
         try:
             for addr in self.neighbours()[:3]:
                 try:
-                    remote, step = await self.exchanger.pull(addr)
+                    # A newcomer asks for weights only from a neighbour at least a gossip
+                    # period ahead: one that is not holds about our own init (same seed),
+                    # as close as any partner, and the weights would travel for nothing.
+                    ahead = 0 if self.resumed else self.config.schedule.period_steps
+                    remote, step = await self.exchanger.pull(addr, min_step=ahead)
                 except IncompatiblePeer as exc:
                     raise AgentError(str(exc)) from None
                 except (TransportError, OSError, TimeoutError, ValueError) as exc:
                     log.info("catch-up from %s failed: %s", addr, exc)
                     continue
-                if step == 0 and not self.resumed:
+                if remote is None or step < ahead:
                     return
                 await asyncio.to_thread(self._load, remote)
                 await asyncio.to_thread(self.exchanger.reanchor)
@@ -399,6 +403,8 @@ class Agent:
                     remote, step = await self.exchanger.pull(addr)
                 except (IncompatiblePeer, TransportError, OSError, TimeoutError, ValueError) as exc:
                     log.info("resync from %s failed: %s", addr, exc)
+                    continue
+                if remote is None:  # not asked with min_step: cannot happen
                     continue
                 await asyncio.to_thread(self._load, remote)
                 await asyncio.to_thread(self.exchanger.reanchor)

@@ -273,10 +273,14 @@ class Exchanger:
         # event loop's share (measured around each exchange, so it includes what else the
         # loop did meanwhile, little next to an exchange) plus the worker threads'.
         self.cpu_seconds = 0.0
-        # Weight payloads sent (exchanges and pull replies): what they weigh as float32 and
-        # what they weighed on the wire. Equal while payloads travel uncompressed.
+        # Exchange payloads sent: what they weigh as float32 and what they weighed on the
+        # wire. Equal while payloads travel uncompressed. Pull replies (catch-ups, float32
+        # always) are counted apart: how many a run serves depends on its timing, not on
+        # its codec.
         self.raw_payload_bytes = 0
         self.wire_payload_bytes = 0
+        self.pull_replies = 0
+        self.pull_reply_bytes = 0
         self.incompatible: dict[str, str] = {}  # addr or name -> why we stopped trying it
         # Robust mixing (gossip.screening): judges every delta before it is mixed, and
         # quarantines neighbours refused again and again. Keyed by advertised address.
@@ -520,7 +524,7 @@ class Exchanger:
 
     @property
     def compression_ratio(self) -> float:
-        """Raw over wire bytes of the weight payloads sent so far (1.0 before any)."""
+        """Raw over wire bytes of the exchange payloads sent so far (1.0 before any)."""
         return self.raw_payload_bytes / self.wire_payload_bytes if self.wire_payload_bytes else 1.0
 
     async def _apply(self, addr: str, stream: DeltaStream | CompressedStream, frame: Frame) -> None:
@@ -791,20 +795,35 @@ class Exchanger:
             )
             await conn.send(MsgType.ERROR, {"reason": reason, "incompatible": True})
             return
+        step = self.step_fn()
+        header = {"name": self.node.name, "step": step}
+        min_step = frame.header.get("min_step", 0)
+        if isinstance(min_step, int) and not isinstance(min_step, bool) and step < min_step:
+            # A newcomer to a swarm that has not trained yet: it holds the same init (same
+            # seed), so the weights would travel for nothing. Our step alone answers it.
+            async with asyncio.timeout(self._pull_deadline()):
+                await conn.send(MsgType.PULL_REPLY, header)
+            return
         weights = np.empty(self.store.nbytes // 4, dtype=np.float32)  # pulls are rare
         await self._with_weights(_copy_out, self.store, weights)
         async with asyncio.timeout(self._pull_deadline()):
-            await conn.send(
-                MsgType.PULL_REPLY, {"name": self.node.name, "step": self.step_fn()}, [weights]
-            )
-        self._sent_payload(weights.nbytes)
+            await conn.send(MsgType.PULL_REPLY, header, [weights])
+        self.pull_replies += 1
+        self.pull_reply_bytes += weights.nbytes
 
-    async def pull(self, addr: str) -> tuple[np.ndarray, int]:
-        """Fetch ``addr``'s current weights and step (for a new or restarted peer)."""
+    async def pull(self, addr: str, min_step: int = 0) -> tuple[np.ndarray | None, int]:
+        """Fetch ``addr``'s current weights and step (for a new or restarted peer).
+
+        With ``min_step``, a neighbour whose step is below it sends its step alone, and the
+        weights returned are None: a newcomer asks with 1, since a swarm still at step 0
+        holds its own init. A neighbour from before ``min_step`` existed sends weights anyway.
+        """
         async with asyncio.timeout(self._pull_deadline()):
             conn = await self.node.open(addr)
             try:
                 request: dict[str, Any] = {"schema": self.store.schema}
+                if min_step:
+                    request["min_step"] = min_step
                 layout = getattr(self.store, "layout", None)
                 if layout is not None and len(layout) <= MAX_LAYOUT:
                     request["layout"] = layout
@@ -814,15 +833,20 @@ class Exchanger:
                 conn.close()
         if reply.type == MsgType.ERROR and reply.header.get("incompatible"):
             raise IncompatiblePeer(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
+        step = reply.header.get("step")
+        step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+        if reply.type == MsgType.PULL_REPLY and not reply.payload.nbytes and step < min_step:
+            reply.release()
+            return None, step
         if reply.type != MsgType.PULL_REPLY or reply.payload.nbytes != self.store.nbytes:
             reason = text(reply.header.get("reason", "?"))
+            reply.release()
             raise TransportError(f"{addr}: bad pull reply: {reason}")
         remote = np.frombuffer(reply.payload, dtype=np.float32).copy()
         reply.release()
         if not np.isfinite(remote).all():
             raise UpdateRejected(f"{addr} sent non-finite weights")
-        step = reply.header.get("step")
-        return remote, step if isinstance(step, int) else 0
+        return remote, step
 
 
 # Longest address or name an offer may identify its sender by (a DNS name and a port).

@@ -394,6 +394,10 @@ class Peer:
                 "raw": a.exchanger.raw_payload_bytes,
                 "wire": a.exchanger.wire_payload_bytes,
             },
+            "pull_replies": {
+                "count": a.exchanger.pull_replies,
+                "bytes": a.exchanger.pull_reply_bytes,
+            },
             "wall_seconds": round(time.monotonic() - self.t0, 3),
             "exchange_seconds": round(a.exchange_seconds, 3),
             "gossip_cpu_seconds": round(a.exchanger.cpu_seconds, 3),

@@ -409,8 +409,7 @@ def test_four_peers_on_10_mbit_links_train_with_int8_and_infrequent_averaging(tm
         assert p["status"] == "finished" and p["exchanges"] > 0, p
         assert p["test_accuracy"] >= 0.87, p
         assert p["compress"] == "int8" and p["outer_steps"] >= 3, p
-        # int8 is 3.94x; catch-up pulls travel in float32, and with an exchange only every
-        # 100 steps a pull weighs as much as several exchanges.
-        assert 2.5 < p["compression_ratio"] < 4.0, p
+        # int8 is 3.94x on every exchange payload (pull replies are counted apart).
+        assert 3.9 < p["compression_ratio"] < 4.0, p
     assert summary["consensus_test_accuracy"] >= 0.87
     assert not owned_names(), "the run's namespaces must be gone"

@@ -69,7 +69,8 @@ async def test_kinds_add_up_and_name_what_the_bytes_were_for() -> None:
             before = sb.by_kind()["weights"]["sent"]
             await xa.pull(b.addr)
             assert sb.by_kind()["weights"]["sent"] > before + nbytes  # the pull reply
-            assert xb.raw_payload_bytes == 2 * nbytes
+            assert xb.raw_payload_bytes == nbytes  # the exchange alone
+            assert (xb.pull_replies, xb.pull_reply_bytes) == (1, nbytes)
             assert_adds_up(sa)
             assert_adds_up(sb)
     finally:

@@ -243,6 +243,25 @@ async def test_a_responder_s_reason_too_deep_to_print_is_an_outcome_not_a_crash(
         await xa.pull(b.addr)
 
 
+async def test_a_pull_with_min_step_moves_no_weights_from_a_neighbour_that_has_not_trained(net):
+    # A newcomer to a fresh swarm holds the same init: the neighbour answers with its step.
+    (a, sa, xa), (b, sb, xb) = await make_peers(net, 2)
+    steps = {"b": 0}
+    xb.step_fn = lambda: steps["b"]
+    remote, step = await xa.pull(b.addr, min_step=1)
+    assert remote is None and step == 0
+    assert xb.pull_replies == xb.pull_reply_bytes == 0
+    steps["b"] = 7
+    remote, step = await xa.pull(b.addr, min_step=1)
+    assert step == 7 and remote is not None
+    np.testing.assert_array_equal(remote, sb.weights.astype(np.float32))
+    assert (xb.pull_replies, xb.pull_reply_bytes) == (1, sb.nbytes)
+    # Without min_step (a restarted peer, a resync) the weights come at any step.
+    steps["b"] = 0
+    remote, step = await xa.pull(b.addr)
+    assert remote is not None and step == 0
+
+
 async def test_dead_and_paused_peers_fail_within_the_deadline(net):
     (a, sa, xa), (b, sb, xb), (c, sc, xc) = await make_peers(net, 3)
     net.kill(b.addr)

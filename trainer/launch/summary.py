@@ -99,6 +99,7 @@ def peer_record(
         "bytes": r.get("bytes", latest("bytes")),
         "compression_ratio": r.get("compression_ratio", latest("compression_ratio")),
         "payload_bytes": r.get("payload_bytes"),
+        "pull_replies": r.get("pull_replies"),
         "wall_seconds": r.get("wall_seconds"),
         "linger_seconds": r.get("linger_seconds"),
         "final_model": r.get("final_model"),
@@ -138,7 +139,7 @@ def share(kinds: dict[str, dict[str, int]] | None, kind: str = "weights") -> flo
 
 
 def _run_compression(peers: list[dict[str, Any]]) -> float | None:
-    """Raw over wire bytes of every weight payload the peers sent (the run's ratio)."""
+    """Raw over wire bytes of every exchange payload the peers sent (the run's ratio)."""
     sizes = [p["payload_bytes"] for p in peers if isinstance(p.get("payload_bytes"), dict)]
     wire = sum(int(s.get("wire") or 0) for s in sizes)
     return round(sum(int(s.get("raw") or 0) for s in sizes) / wire, 4) if wire else None

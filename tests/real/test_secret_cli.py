@@ -58,7 +58,7 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
     run_dir.mkdir()
     with open(tmp_path / "launcher.log", "wb") as log:
         launcher = subprocess.Popen(
-            cli("local", "--peers", "2", "--steps", "20000", "--run-dir", str(run_dir),
+            cli("local", "--peers", "2", "--steps", "8000", "--run-dir", str(run_dir),
                 "--no-progress"),
             cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )  # fmt: skip

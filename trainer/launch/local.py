@@ -144,11 +144,14 @@ def peer_config_for(args: argparse.Namespace, child: Child, n: int, seeds: list[
         index=child.index,
         num_peers=n,
         run_dir=str(child.run_dir),
-        # Its seeds were started a moment ago and may still be importing on a loaded box.
-        join_timeout=max(base.join_timeout, LAUNCH_JOIN_TIMEOUT),
+        # Its seeds were started a moment ago and may still be importing on a loaded box;
+        # a restarted peer's have been up for a while (one that does not answer is gone).
+        join_timeout=base.join_timeout
+        if child.restarts
+        else max(base.join_timeout, LAUNCH_JOIN_TIMEOUT),
         # The whole run trains together: a short run on a slow box must not end on peer-0
-        # before the last copy has imported torch.
-        wait_peers=n if base.wait_peers == 0 else base.wait_peers,
+        # before the last copy has imported torch. A restarted peer joins whoever is left.
+        wait_peers=(1 if child.restarts else n) if base.wait_peers == 0 else base.wait_peers,
         linger_seconds=LaunchConfig.linger if args.linger is None else args.linger,
         allow_control=bool(getattr(args, "allow_control", False)),
         metrics_port=child.metrics_port,
@@ -444,7 +447,15 @@ class LocalRun:
             os.close(events_fd)
 
     def _seeds_for(self, child: Child) -> list[str]:
-        return [c.addr for c in self.children if c is not child]
+        """Whom a restarted peer joins through: every other peer but those that finished
+        (they will not answer again; a killed one may be back by then). None left: it
+        starts alone at once rather than wait out the join timeout for nobody."""
+        return [c.addr for c in self.children if c is not child and not self._finished(c)]
+
+    @staticmethod
+    def _finished(child: Child) -> bool:
+        proc = child.proc
+        return proc is not None and proc.returncode == 0 and bool(child.result)
 
     async def _wait(self, child: Child) -> None:
         """Wait for the child to end; with --restart-failed, restart it while it crashes."""

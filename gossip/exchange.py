@@ -799,8 +799,8 @@ class Exchanger:
         header = {"name": self.node.name, "step": step}
         min_step = frame.header.get("min_step", 0)
         if isinstance(min_step, int) and not isinstance(min_step, bool) and step < min_step:
-            # A newcomer to a swarm that has not trained yet: it holds the same init (same
-            # seed), so the weights would travel for nothing. Our step alone answers it.
+            # A newcomer, and we have not trained as long as it asks: it holds about our
+            # weights (same seed, same init), so they would travel for nothing.
             async with asyncio.timeout(self._pull_deadline()):
                 await conn.send(MsgType.PULL_REPLY, header)
             return
@@ -815,8 +815,9 @@ class Exchanger:
         """Fetch ``addr``'s current weights and step (for a new or restarted peer).
 
         With ``min_step``, a neighbour whose step is below it sends its step alone, and the
-        weights returned are None: a newcomer asks with 1, since a swarm still at step 0
-        holds its own init. A neighbour from before ``min_step`` existed sends weights anyway.
+        weights returned are None: a newcomer asks with one gossip period, since a neighbour
+        that has not trained that long holds about its own init. A neighbour from before
+        ``min_step`` existed sends weights anyway.
         """
         async with asyncio.timeout(self._pull_deadline()):
             conn = await self.node.open(addr)

@@ -580,7 +580,8 @@ class LocalRun:
             assert main is not None
             # One path for both, the loop's own handler: a SIGINT left to asyncio.Runner's
             # Python-level handler once went unanswered for 60 s just after the peers were
-            # spawned (seen once in CI, not reproduced); SIGTERM's path never has.
+            # spawned (once, in a full local run of the suite; not reproduced since); SIGTERM's
+            # path never has.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, main.cancel)
         # Orphans (a dead zygote's peers) become ours, so we collect how they end.

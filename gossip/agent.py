@@ -360,15 +360,15 @@ class Agent:
         """
         if not self.config.join and not self.resumed:
             return
+        # A newcomer asks for weights only from a neighbour at least a gossip period ahead:
+        # one that is not holds about our own init (same seed), as close as any partner,
+        # and the weights would travel for nothing.
+        ahead = 0 if self.resumed else self.config.schedule.period_steps
         self.exchanger.ready = False
         t0 = time.monotonic()
         try:
             for addr in self.neighbours()[:3]:
                 try:
-                    # A newcomer asks for weights only from a neighbour at least a gossip
-                    # period ahead: one that is not holds about our own init (same seed),
-                    # as close as any partner, and the weights would travel for nothing.
-                    ahead = 0 if self.resumed else self.config.schedule.period_steps
                     remote, step = await self.exchanger.pull(addr, min_step=ahead)
                 except IncompatiblePeer as exc:
                     raise AgentError(str(exc)) from None

@@ -797,8 +797,7 @@ class Exchanger:
             return
         step = self.step_fn()
         header = {"name": self.node.name, "step": step}
-        min_step = frame.header.get("min_step", 0)
-        if isinstance(min_step, int) and not isinstance(min_step, bool) and step < min_step:
+        if step < _int_or(frame.header.get("min_step"), 0):
             # A newcomer, and we have not trained as long as it asks: it holds about our
             # weights (same seed, same init), so they would travel for nothing.
             async with asyncio.timeout(self._pull_deadline()):
@@ -834,8 +833,7 @@ class Exchanger:
                 conn.close()
         if reply.type == MsgType.ERROR and reply.header.get("incompatible"):
             raise IncompatiblePeer(f"{addr} refused us: {text(reply.header.get('reason', '?'))}")
-        step = reply.header.get("step")
-        step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+        step = _int_or(reply.header.get("step"), 0)
         if reply.type == MsgType.PULL_REPLY and not reply.payload.nbytes and step < min_step:
             reply.release()
             return None, step
@@ -848,6 +846,11 @@ class Exchanger:
         if not np.isfinite(remote).all():
             raise UpdateRejected(f"{addr} sent non-finite weights")
         return remote, step
+
+
+def _int_or(value: Any, default: int) -> int:
+    """``value`` if a neighbour sent a plain int there (not a bool), else ``default``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 # Longest address or name an offer may identify its sender by (a DNS name and a port).

@@ -368,3 +368,28 @@ def test_the_launcher_hands_each_peer_its_complete_config_as_a_file(tmp_path):
     assert back.linger_seconds == LaunchConfig.linger and back.train.threads >= 1
     # The same file drives `gossip-train peer --config`: flags given there still override.
     assert parse_peer("--config", str(path), "--lr", "0.5").train.lr == 0.5
+
+
+def test_a_restarted_peer_joins_through_unfinished_peers_without_the_launch_waits(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.config import PeerConfig
+    from trainer.launch.local import LAUNCH_JOIN_TIMEOUT, Child, LocalRun, peer_config_for
+
+    args = build_parser().parse_args(["local", "--peers", "3", "--restart-failed"])
+    child = Child(name="peer-1", index=1, addr="127.0.0.1:9", run_dir=tmp_path / "peer-1")
+    first = peer_config_for(args, child, 3, [])
+    assert first.wait_peers == 3 and first.join_timeout == LAUNCH_JOIN_TIMEOUT
+    child.restarts = 1
+    again = peer_config_for(args, child, 3, [])
+    assert again.wait_peers == 1 and again.join_timeout == PeerConfig().join_timeout
+
+    finished = Child(name="peer-0", index=0, addr="127.0.0.1:8", run_dir=tmp_path / "peer-0")
+    finished.proc = SimpleNamespace(returncode=0)  # type: ignore[assignment]
+    finished.result = {"status": "finished"}
+    killed = Child(name="peer-2", index=2, addr="127.0.0.1:10", run_dir=tmp_path / "peer-2")
+    killed.proc = SimpleNamespace(returncode=-9)  # type: ignore[assignment]
+    run = SimpleNamespace(children=[finished, child, killed], _finished=LocalRun._finished)
+    assert LocalRun._seeds_for(run, child) == ["127.0.0.1:10"]  # type: ignore[arg-type]
+    finished.proc = SimpleNamespace(returncode=None)  # still lingering: it answers
+    assert LocalRun._seeds_for(run, child) == ["127.0.0.1:8", "127.0.0.1:10"]  # type: ignore[arg-type]

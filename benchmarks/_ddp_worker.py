@@ -84,10 +84,16 @@ class Worker:
             epoch += 1
 
     # -- time to accuracy ------------------------------------------------------------------
+    def spent(self) -> bool:
+        """The --max-seconds budget is used up (rank 0's clock decides, for every rank)."""
+        return 0 < self.args.max_seconds <= time.time() - self.args.launch
+
     def should_stop(self, acc: float, epochs: float) -> bool:
         """Rank 0 decides; every rank learns it at the same step."""
         stop = torch.tensor([0.0])
-        if self.args.rank == 0 and (acc >= self.args.target or epochs >= self.args.max_epochs):
+        if self.args.rank == 0 and (
+            acc >= self.args.target or epochs >= self.args.max_epochs or self.spent()
+        ):
             stop[0] = 1.0
         if self.ddp:
             dist.broadcast(stop, src=0)
@@ -106,11 +112,12 @@ class Worker:
                 first_step = self.since_launch()
             self.step(idx)
             steps += 1
-            if s + 1 not in points:
-                continue
+            at_eval = s + 1 in points
+            if not at_eval and self.args.max_seconds <= 0:
+                continue  # with a time budget, rank 0 says at every step whether to stop
             epochs = epoch + (s + 1) / spe
             acc = -1.0
-            if self.args.rank == 0:
+            if self.args.rank == 0 and (at_eval or self.spent()):
                 t0 = time.perf_counter()
                 acc = evaluate(self.eval_model, self.x_test, self.y_test)
                 eval_seconds += time.perf_counter() - t0
@@ -176,6 +183,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target", type=float, default=0.975)
     parser.add_argument("--max-epochs", type=float, default=20.0)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="stop, with an evaluation, once this "
+        "many seconds since --launch have passed (0: no limit); the curve says how far it got",
+    )
     parser.add_argument("--eval-every", type=float, default=0.25, help="epochs")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup-steps", type=int, default=30)

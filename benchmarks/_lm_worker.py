@@ -102,17 +102,20 @@ def tta(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         if first_step_s is None:
             first_step_s = since()
-        if step % args.eval_every != 0 and step < args.max_steps:
-            continue
+        at_eval = step % args.eval_every == 0 or step >= args.max_steps
+        if not at_eval and args.max_seconds <= 0:
+            continue  # with a time budget, rank 0 says at every step whether to stop
         stop = torch.zeros(1)
         if args.rank == 0:
-            t0 = time.perf_counter()
-            val = evaluate(model, evaluation)
-            eval_s += time.perf_counter() - t0
-            curve.append([step, round(since(), 3), val])
-            if reached is None and val <= args.target:
-                reached = curve[-1]
-            if reached is not None or step >= args.max_steps:
+            spent = 0 < args.max_seconds <= since()
+            if at_eval or spent:
+                t0 = time.perf_counter()
+                val = evaluate(model, evaluation)
+                eval_s += time.perf_counter() - t0
+                curve.append([step, round(since(), 3), val])
+                if reached is None and val <= args.target:
+                    reached = curve[-1]
+            if reached is not None or step >= args.max_steps or spent:
                 stop[0] = 1.0
         if ddp:
             dist.broadcast(stop, src=0)
@@ -219,6 +222,13 @@ def main() -> None:
     parser.add_argument("--launch", type=float, default=0.0, help="launcher's time.time()")
     parser.add_argument("--target", type=float, default=1.90, help="val_loss to reach")
     parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="stop, with an evaluation, once this "
+        "many seconds since --launch have passed (0: no limit); the curve says how far it got",
+    )
     parser.add_argument("--eval-every", type=int, default=100, help="steps")
     # ownloop
     parser.add_argument("--gossip", action="store_true", help="wrap in GossipOptimizer")

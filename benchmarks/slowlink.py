@@ -104,6 +104,7 @@ log = logging.getLogger(__name__)
 PEERS = 4
 POLL_S = 0.25  # how often events and veth counters are read while a gossip run goes
 DDP_PORT = 29500
+DDP_GRACE = 120.0  # seconds past --max-seconds for the last evaluation and the teardown
 DDP = "DDP gloo x4"
 UNLIMITED = "unlimited"
 
@@ -269,6 +270,7 @@ class Plan:
     reps: int = 1
     stop_at_target: bool = True
     skipped: dict[str, list[str]] = field(default_factory=dict)  # config -> missing flags
+    ddp_timeout: float | None = None  # seconds a DDP run may take (None: the task's)
 
 
 # -- which configurations this checkout can run --------------------------------------------------
@@ -589,6 +591,10 @@ def ddp_run(task: Task, link: str) -> dict[str, Any]:
             repr(launched),
             "--target",
             f"{task.target:g}",
+            # The ranks stop themselves at the budget, so a run that does not reach the
+            # target still says how far it got (its last evaluation).
+            "--max-seconds",
+            f"{task.timeout:g}",
             *task.ddp,
         ]
         cmds = [
@@ -598,7 +604,7 @@ def ddp_run(task: Task, link: str) -> dict[str, Any]:
         results = run_ranks(
             cmds,
             env,
-            launched + task.timeout,
+            launched + task.timeout + DDP_GRACE,
             lambda out, rank: require_result(out, f"DDP rank {rank}"),
         )
         wall = time.time() - launched
@@ -639,7 +645,8 @@ def ddp_run(task: Task, link: str) -> dict[str, Any]:
         "last_eval_metric": [curve[-1][2] if curve else None] * PEERS,
         "best_eval_metric_worst_peer": task.best([c[2] for c in curve]),
         "stopped_at_target": reached is not None,
-        "timed_out": False,
+        "timed_out": reached is None and wall >= task.timeout,
+        "last_eval": curve[-1] if curve else None,  # [step or epochs, s since launch, metric]
         "wall_s": wall,
         "load_1m": [load, load_now()],
         "curves": {"rank-0": curve},
@@ -657,14 +664,23 @@ def key(task: str, name: str, link: str) -> str:
     return f"{task}/{name}/{link}"
 
 
-def measure(plan: Plan, tasks: dict[str, Task], runs: Runs) -> dict[str, Any]:
+def measure(
+    plan: Plan,
+    tasks: dict[str, Task],
+    runs: Runs,
+    done: Callable[[dict[str, list[dict[str, Any]]]], None] = lambda reps: None,
+) -> dict[str, Any]:
+    """Every job of ``plan``, rep by rep; ``done(reps)`` after each (a partial record)."""
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     for t in plan.tasks:
         task = tasks[t]
         # DDP at every link of --ddp-links, before the gossip runs of that link.
         for link in dict.fromkeys([*plan.links, *plan.ddp_links]):
             if link in plan.ddp_links:
-                jobs.append((key(t, DDP, link), partial(ddp_run, task, link)))
+                ddp_task = task
+                if plan.ddp_timeout is not None:
+                    ddp_task = replace(task, timeout=plan.ddp_timeout)
+                jobs.append((key(t, DDP, link), partial(ddp_run, ddp_task, link)))
             if link not in plan.links:
                 continue
             for c in plan.configs:
@@ -691,6 +707,7 @@ def measure(plan: Plan, tasks: dict[str, Task], runs: Runs) -> dict[str, Any]:
                 time.monotonic() - t0,
                 fmt(r.get("time_to_target_s"), ".1f", "not reached"),
             )
+            done(reps)
     rows = {k: row(rs) for k, rs in reps.items()}
     return {"rows": rows, "ratios": ratios(plan, reps, rows), "reps": reps}
 
@@ -722,6 +739,8 @@ def row(results: list[dict[str, Any]]) -> dict[str, Any]:
         "final_metric_worst": median([r.get("final_metric_worst") for r in ok]),
         "best_eval_metric_worst_peer": median([r.get("best_eval_metric_worst_peer") for r in ok]),
         "load_1m": [r["load_1m"][0] for r in ok],
+        "wall_s": median([r.get("wall_s") for r in ok]),
+        "last_eval_last_rep": ok[-1].get("last_eval") if ok else None,
     }
 
 
@@ -779,6 +798,8 @@ def tables(result: dict[str, Any], plan: Plan, tasks: dict[str, Task]) -> list[s
                     continue
                 r = rat.get(key(t, name, "*"), {})
                 cell = fmt(m["time_to_target_s"], ".1f", "not reached")
+                if m["time_to_target_s"] is None and m.get("wall_s") is not None:
+                    cell += f" in {m['wall_s']:.0f} s"
                 if m["time_to_target_s"] is None and m["best_eval_metric_worst_peer"] is not None:
                     cell += f" (best {m['best_eval_metric_worst_peer']:.3f})"
                 detail.append(
@@ -895,6 +916,13 @@ def main() -> None:
         help="seconds one run may take (default: the task's); a run stopped by it is "
         "reported as not reached",
     )
+    parser.add_argument(
+        "--ddp-timeout",
+        type=float,
+        default=None,
+        help="seconds one DDP run may take (default: --timeout); one stopped by it is "
+        "reported as not reached, with how far it got",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     # --quick alone is the smoke run: mnist, fp32 (and whatever else exists) at two links,
@@ -933,6 +961,7 @@ def main() -> None:
         max(1, args.reps),
         not args.run_to_end,
         skipped,
+        args.ddp_timeout,
     )
     tasks = make_tasks(args.quick, args.data)
     if args.timeout is not None:
@@ -952,8 +981,15 @@ def main() -> None:
         },
     }
     t0 = time.monotonic()
+    partial_json = args.json.with_suffix(".partial.json") if args.json is not None else None
+
+    def save_partial(reps: dict[str, list[dict[str, Any]]]) -> None:
+        # A long matrix stopped midway keeps what it measured (the finished runs, raw).
+        if partial_json is not None:
+            partial_json.write_text(json.dumps({**result, "partial_reps": reps}, indent=1))
+
     try:
-        result["slowlink"] = measured = measure(plan, tasks, Runs(work))
+        result["slowlink"] = measured = measure(plan, tasks, Runs(work), save_partial)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -961,6 +997,8 @@ def main() -> None:
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     result["machine"]["commit_at_end"] = code_version()
     emit(result, tables(measured, plan, tasks), args.json)
+    if partial_json is not None:
+        partial_json.unlink(missing_ok=True)
 
 
 def tbf_note() -> dict[str, Any]:

@@ -79,6 +79,40 @@ class OuterStore:
             np.copyto(self.array, vector)
             np.copyto(self.inner.array, vector)
 
+    def state(self) -> dict[str, Any]:
+        """Copies of the outer state (for a checkpoint; call under ``lock``)."""
+        return {
+            "outer_steps": self.outer_steps,
+            "weights": self.array.copy(),
+            "momentum": self.momentum.copy(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Resume the outer state ``state()`` took: the outer weights, the momentum and the
+        count of outer steps. Raises ValueError (one line) unless it fits this model."""
+        if not isinstance(state, dict):
+            raise ValueError(f"outer state is {type(state).__name__}, not a dict")
+        count = state.get("outer_steps")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"outer step count {count!r} is not a count")
+        arrays = {}
+        for key in ("weights", "momentum"):
+            try:
+                value = np.asarray(state.get(key), dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                raise ValueError(f"outer {key} are not an array of numbers") from None
+            if value.shape != self.array.shape:
+                raise ValueError(
+                    f"outer {key} hold {value.size} values, the model has {self.array.size}"
+                )
+            if not np.isfinite(np.dot(value, value)):
+                raise ValueError(f"outer {key} are not finite")
+            arrays[key] = value
+        with self.lock:
+            np.copyto(self.array, arrays["weights"])
+            np.copyto(self.momentum, arrays["momentum"])
+        self.outer_steps = count
+
     def step(self) -> None:
         """The outer step (call from the training thread, after an inner step)."""
         c = self.config

@@ -139,6 +139,10 @@ class TrainerBase:
         self.ckpt_meta: dict = {}  # peers and incarnation, refreshed by the peer
         self._last_ckpt = _CkptClock()
         self.resumed_from: str | None = None
+        # Infrequent averaging's outer state (gossip.outer.OuterStore, set by the peer): saved
+        # in every checkpoint; what the resumed checkpoint held waits in resumed_outer.
+        self.outer: Any = None
+        self.resumed_outer: dict[str, Any] | None = None
         self.checkpoint_stall = 0.0  # longest time a checkpoint snapshot held the step lock
         self.last_metrics: dict[str, float] = {}
 
@@ -182,6 +186,8 @@ class TrainerBase:
                         f"{source}: scheduler state does not fit ({exc})"
                     ) from None
             self.load_extra(ckpt, source)
+            outer = ckpt.get("outer")
+            self.resumed_outer = outer if isinstance(outer, dict) else None
             restore_rng(ckpt["rng"])
             self.step = ckpt["step"]
             self.samples = int(ckpt["config"].get("samples", 0))
@@ -212,6 +218,7 @@ class TrainerBase:
             model, optim = snapshot_model_optimizer(self.model, self.optimizer)
             sched = _clone_tree(self.scheduler.state_dict()) if self.scheduler else None
             extra = _clone_tree(self.extra_state())
+            outer = self.outer.state() if self.outer is not None else None
         self.checkpoint_stall = max(self.checkpoint_stall, time.perf_counter() - t0)
         meta = self.ckpt_meta
         state = build_checkpoint(
@@ -225,6 +232,10 @@ class TrainerBase:
             incarnation=int(meta.get("incarnation", 0)),
         )
         state["scheduler"] = sched
+        if outer is not None:
+            outer["weights"] = torch.from_numpy(outer["weights"])
+            outer["momentum"] = torch.from_numpy(outer["momentum"])
+            state["outer"] = outer
         state.update(extra)
         if wait:
             self.checkpointer.store.save(state)

@@ -26,7 +26,7 @@ from gossip.outer import OuterStore
 from p2p.framing import Frame, MsgType, show
 from p2p.transport import Connection, Transport
 
-from .checkpoint import save_atomic
+from .checkpoint import CheckpointError, save_atomic
 from .config import PeerConfig
 from .loop import StepInfo, TrainerBase
 from .poison import Poison
@@ -124,7 +124,9 @@ class Peer:
         store: Any = t.weights
         if self.cfg.outer.steps > 0:
             # Gossip averages the outer weights; the live ones follow every mix (gossip.outer).
-            store = self.outer = OuterStore(t.weights, self.cfg.outer)
+            store = self.outer = t.outer = OuterStore(t.weights, self.cfg.outer)
+            self._resume_outer()
+        self._first_checkpoint()
         self.agent = Agent(
             self.cfg.agent_config(),
             store,
@@ -270,9 +272,25 @@ class Peer:
                 incarnation=self.incarnation,
             )
         self.trainer.ckpt_meta = {"incarnation": self.incarnation, "peers": list(self.cfg.join)}
+
+    def _resume_outer(self) -> None:
+        """The outer weights and momentum of the checkpoint resumed from, if it has them (a
+        checkpoint without them, or none: the outer weights start as the live ones)."""
+        t, outer = self.trainer, self.outer
+        if outer is None or t.resumed_outer is None:
+            return
+        try:
+            outer.load_state(t.resumed_outer)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {t.resumed_from}: {exc}") from None
+        log.info("resumed the outer state: %d outer steps", outer.outer_steps)
+
+    def _first_checkpoint(self) -> None:
         # Written now, not in the background: a full or unwritable folder is an error before
-        # we join, and the raised incarnation is on disk should we die before the next one.
-        self.trainer.checkpoint_now(wait=True)
+        # we join, and the raised incarnation (and the outer state) is on disk should we die
+        # before the next one.
+        if self.trainer.checkpointer is not None:
+            self.trainer.checkpoint_now(wait=True)
 
     def _refresh_ckpt_meta(self) -> None:
         """What the next checkpoint records: live peers to rejoin through, our incarnation

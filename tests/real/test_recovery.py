@@ -346,6 +346,28 @@ def test_newcomer_starts_from_the_swarm_and_a_restarted_seed_rejoins_on_its_own(
         assert life.close(60.0) == 0, life.err_tail()
 
 
+def test_a_peer_with_outer_steps_resumes_its_outer_weights_and_momentum(tmp_path: Path) -> None:
+    """--outer-steps 50: a checkpoint between two outer steps holds the outer state (weights
+    apart from the live ones, the momentum, the count), and a resumed peer goes on from it."""
+    ck = tmp_path / "ck"
+    args = ["--outer-steps", "50", "--checkpoint-dir", str(ck), "--checkpoint-every", "40"]
+    first = peer(["--epochs", "0.5", "--run-dir", str(tmp_path / "a"), *args], tmp_path / "a.txt")
+    assert first.close(120.0) == 0, first.err_tail()
+    assert first.of("finished")[0]["outer_steps"] == 4  # at 50, 100, 150 and the end (188)
+    mid = torch.load(ck / "ckpt-000000160.pt", weights_only=True)
+    assert mid["outer"]["outer_steps"] == 3
+    live = torch.cat([t.reshape(-1).float() for t in mid["model"].values()])
+    assert mid["outer"]["weights"].shape == live.shape
+    assert not torch.equal(mid["outer"]["weights"], live)  # 10 inner steps after the 3rd
+    assert float(mid["outer"]["momentum"].norm()) > 0
+    again = peer(["--epochs", "1", "--run-dir", str(tmp_path / "b"), *args], tmp_path / "b.txt")
+    assert again.close(120.0) == 0, again.err_tail()
+    assert again.of("resumed")[0]["step"] == 188
+    assert "resumed the outer state: 4 outer steps" in again.err_tail()
+    # 4 before, then at 200, 250, 300 and 350, and the end (376).
+    assert again.of("finished")[0]["outer_steps"] == 9
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from gossip.outer import OuterConfig, OuterStore
 from trainer.config import CheckpointConfig, TrainConfig
 from trainer.data import Batches
 from trainer.evaluate import average_states
@@ -208,6 +210,47 @@ def test_resume_continues_exactly_with_momentum_scheduler_and_batchnorm(tmp_path
     assert list(after) == list(whole.model.state_dict())
     for name, a in whole.model.state_dict().items():
         assert torch.equal(a, after[name]), name  # weights, BatchNorm statistics and its counter
+
+
+def _train_outer(task: str, ckpt: Path, stop_at: int | None, resume_outer: bool = True) -> Any:
+    """40 steps with an outer step every 5 (as a peer with --outer-steps 5 takes them)."""
+    cfg = TrainConfig(task=task, steps=40, batch_size=8, clip_grad=1.0)
+    trainer = Trainer(cfg, 0, 2)
+    trainer.enable_checkpoints(CheckpointConfig(str(ckpt), every_steps=0, every_seconds=0))
+    outer = trainer.outer = OuterStore(trainer.weights, OuterConfig(steps=5))
+    if resume_outer and trainer.resumed_outer is not None:
+        outer.load_state(trainer.resumed_outer)
+    stop = threading.Event()
+
+    def on_step(info) -> None:
+        if info.step % 5 == 0:
+            outer.step()
+        if info.step == stop_at:
+            stop.set()
+
+    trainer.run(stop, on_step)
+    trainer.checkpoint_now(wait=True)
+    trainer.close()
+    return trainer, outer
+
+
+def test_resume_continues_the_outer_weights_and_momentum_exactly(tmp_path: Path) -> None:
+    task = write_task(tmp_path, SCHEDULED)
+    whole, whole_outer = _train_outer(task, tmp_path / "whole", None)
+    # Stopped between two outer steps (17: 3 outer steps done, 2 inner steps into the 4th).
+    _, cut = _train_outer(task, tmp_path / "cut", 17)
+    assert cut.outer_steps == 3
+    resumed, outer = _train_outer(task, tmp_path / "cut", None)
+    assert resumed.step == 40 and outer.outer_steps == 8
+    np.testing.assert_array_equal(outer.array, whole_outer.array)
+    np.testing.assert_array_equal(outer.momentum, whole_outer.momentum)
+    for name, a in whole.model.state_dict().items():
+        assert torch.equal(a, resumed.model.state_dict()[name]), name
+    # Without the saved outer state (outer weights from the live ones, no momentum), the
+    # same resume ends elsewhere: the state is what carries the run across the restart.
+    _train_outer(task, tmp_path / "cut2", 17)
+    _, lost = _train_outer(task, tmp_path / "cut2", None, resume_outer=False)
+    assert not np.array_equal(lost.array, whole_outer.array)
 
 
 def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:

@@ -72,6 +72,10 @@ ABORT_TIMEOUT = 0.5
 UNREACHABLE_MAX_BACKOFF = 30.0
 # Rounds a peer tries for its one exchange after every member has finished.
 LAST_EXCHANGE_ROUNDS = 3
+# A busy round is tried again after a random 1/4 to 3/4 of a typical exchange's time (the
+# moving average of ours), that time taken within these bounds, in seconds.
+BUSY_RETRY_MIN = 0.004
+BUSY_RETRY_MAX = 0.2
 # Seconds between resolutions of ``dns:`` seeds while the name has no records yet, and
 # between re-resolutions while no member is alive.
 RESOLVE_RETRY = 1.0
@@ -425,7 +429,7 @@ class Agent:
         if self._clock is None:  # not started
             return
         # exchanges: an int the loop thread writes; reading it here needs no lock
-        if self._clock.step(self.exchanger.exchanges) and self._loop is not None:
+        if self._clock.step(self.exchanger.begun) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._kick.set)
 
     def kick(self) -> None:
@@ -463,12 +467,37 @@ class Agent:
                 wait = budget.wait(self.exchanger.cpu_seconds, time.monotonic())
                 if wait > 0:
                     await asyncio.sleep(min(MAX_BUDGET_WAIT, wait))
+            await self._period_round(budget)
+
+    async def _period_round(self, budget: CpuBudget) -> None:
+        """This period's exchange: a round, tried again while training if it found only
+        busy peers (``ScheduleConfig.busy_retries``), until an exchange has begun (ours or
+        a neighbour's), the next period starts, or gossip is over its CPU budget."""
+        begun = self.exchanger.begun
+        for _ in range(max(0, self.config.schedule.busy_retries)):
+            if not await self.gossip_round():
+                return
+            if (
+                self.status != "training"
+                or self._kick.is_set()
+                or self.exchanger.begun != begun
+                or budget.wait(self.exchanger.cpu_seconds, time.monotonic()) > 0
+            ):
+                return
+            typical = min(BUSY_RETRY_MAX, max(BUSY_RETRY_MIN, self.exchanger.typical_seconds))
+            await asyncio.sleep(self.rng.uniform(0.25, 0.75) * typical)
+        else:
             await self.gossip_round()
 
-    async def gossip_round(self) -> None:
-        """Average with one live neighbour, in ``partner_order``; a busy one is skipped."""
+    async def gossip_round(self) -> bool:
+        """Average with one live neighbour, in ``partner_order``; a busy one is skipped.
+        True when nothing was exchanged and only for busy-ness (ours or the neighbours')."""
+        tried, only_busy = False, True
         for addr in self.neighbours()[: self.config.schedule.max_attempts]:
+            if self.exchanger.busy:
+                return True  # answering a neighbour (or catching up): every try would fail
             out = await self.exchanger.exchange(addr)
+            tried = True
             self.on_exchange(out)
             if out.ok or out.busy or out.declined:
                 self._unreachable.pop(addr, None)  # it answered
@@ -485,11 +514,13 @@ class Agent:
                     self._first_exchange_seen = True
                     seconds = round(time.monotonic() - self.t0, 3)
                     self.emit("first_exchange", partner=addr, seconds=seconds)
-                return
+                return False
             if not out.busy:
+                only_busy = False
                 log.debug("exchange with %s failed: %s", addr, out.reason)
             # Busy peers decline at once; a short random pause breaks lockstep retries.
             await asyncio.sleep(self.rng.uniform(0.0, 0.01))
+        return tried and only_busy
 
     # -- after training --------------------------------------------------------------------------
     def finished_training(self) -> None:

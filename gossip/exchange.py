@@ -260,7 +260,12 @@ class Exchanger:
         # deadline): a timed-out exchange halves it, down to MIN_LINK_RATE; a completed one
         # sets it to half the rate it achieved, never above the configured one.
         self.link_rate = self.config.deadline_min_rate
-        self.exchanges = 0
+        self.exchanges = 0  # completed (mixed), started or answered
+        # Exchanges that began (an offer accepted), either side: the gossip period runs from
+        # the start of the last one, so on a link where an exchange outlasts the period the
+        # next one follows at once instead of a whole period after it ended.
+        self.begun = 0
+        self.typical_seconds = 0.0  # moving average of the exchanges we started
         self.rejected = 0
         self.counts = dict.fromkeys(EXCHANGE_COUNTS, 0)
         # How far apart we and our partners were: ||theirs - ours|| / ||ours|| of the last
@@ -321,6 +326,11 @@ class Exchanger:
             conn.close()
         self._conns.clear()
 
+    @property
+    def busy(self) -> bool:
+        """In an exchange, or not exchanging now (catching up, done): offers would fail."""
+        return self._busy or not self.ready
+
     # -- initiator -------------------------------------------------------------------------
     async def exchange(self, addr: str) -> Outcome:
         """One push-pull with ``addr``. Never raises for network trouble: see ``Outcome``."""
@@ -373,6 +383,7 @@ class Exchanger:
             if reply.type != MsgType.EXCH_ACCEPT:
                 kept = reply.type == MsgType.EXCH_DECLINE
                 return self._declined(addr, reply)
+            self.begun += 1
             self._learn_name(addr, reply.header.get("name"))
             # The responder's payload is read by the connection's callbacks meanwhile, so
             # sending first and then waiting for the reply moves both at once.
@@ -421,6 +432,8 @@ class Exchanger:
         self.link_rate = max(MIN_LINK_RATE, self.link_rate / 2)
 
     def _completed(self, seconds: float) -> None:
+        t = self.typical_seconds
+        self.typical_seconds = seconds if t == 0 else 0.8 * t + 0.2 * seconds
         achieved = self.wire_nbytes / max(seconds, 1e-3)  # both payloads move at once
         self.link_rate = max(MIN_LINK_RATE, min(self.config.deadline_min_rate, achieved / 2))
 
@@ -738,6 +751,7 @@ class Exchanger:
         try:
             async with asyncio.timeout(self.deadline()):
                 await conn.send(MsgType.EXCH_ACCEPT, {"name": self.node.name})
+                self.begun += 1
                 recv_task = asyncio.create_task(conn.recv())
                 try:
                     stream = await self._send_ours(conn)

@@ -31,6 +31,12 @@ class ScheduleConfig:
     linger_interval: float = 0.05
     # Neighbours tried per round before giving up until the next period.
     max_attempts: int = 3
+    # While training, a round that found every neighbour it tried (or us) busy is tried
+    # again, after about half an exchange's time, up to this many times, until an exchange
+    # of ours or a neighbour's has begun or the next period starts. On a slow link an
+    # exchange outlasts the period: without this, each busy round skipped its period and
+    # the link stood idle between exchanges. 0: a busy round waits for the next period.
+    busy_retries: int = 16
 
 
 class CpuBudget:

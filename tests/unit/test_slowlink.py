@@ -117,3 +117,26 @@ def test_a_link_rate_without_namespaces_is_refused_before_anything_is_made(tmp_p
     with pytest.raises(ValueError, match="--netns-rate needs --netns"):
         LocalRun(args)
     assert not run_dir.exists()
+
+
+def test_the_matrix_reports_each_finished_run_and_gives_ddp_its_own_budget(monkeypatch) -> None:
+    ran: list[tuple[str, str, float]] = []
+
+    def ddp_run(task: Any, link: str) -> dict[str, Any]:
+        ran.append(("ddp", link, task.timeout))
+        return {"reached": False, "time_to_target_s": None}
+
+    def gossip_job(task: Any, config: str, link: str, *rest: Any) -> dict[str, Any]:
+        ran.append((config, link, task.timeout))
+        return {"reached": True, "time_to_target_s": 1.0}
+
+    monkeypatch.setattr(slowlink, "ddp_run", ddp_run)
+    monkeypatch.setattr(slowlink, "gossip_job", gossip_job)
+    monkeypatch.setattr(slowlink, "row", lambda results: {"n": len(results)})
+    monkeypatch.setattr(slowlink, "ratios", lambda plan, reps, rows: {})
+    plan = slowlink.Plan(("mnist",), ("fp32",), ("10mbit",), ("10mbit",), ddp_timeout=5.0)
+    tasks = {"mnist": slowlink.replace(slowlink.make_tasks(False, "/d")["mnist"], timeout=99.0)}
+    seen: list[int] = []
+    slowlink.measure(plan, tasks, None, lambda reps: seen.append(sum(map(len, reps.values()))))
+    assert ran == [("ddp", "10mbit", 5.0), ("fp32", "10mbit", 99.0)]
+    assert seen == [1, 2]  # after each run, everything finished so far

@@ -118,6 +118,7 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "outer": OUTER,
     "outer+int8": (*OUTER, "--compress", "int8"),
     # Variants of the outer optimizer (one outer step per H inner steps).
+    "outer250": ("--outer-steps", "250", "--outer-lr", "0.7", "--outer-momentum", "0.9"),
     "outer250+int8": (
         "--outer-steps", "250", "--outer-lr", "0.7", "--outer-momentum", "0.9",
         "--compress", "int8",

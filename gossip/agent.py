@@ -428,7 +428,7 @@ class Agent:
         """One training step done (call from any thread): offer an exchange once a period."""
         if self._clock is None:  # not started
             return
-        # exchanges: an int the loop thread writes; reading it here needs no lock
+        # begun: an int the loop thread writes; reading it here needs no lock
         if self._clock.step(self.exchanger.begun) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._kick.set)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import print_result
+from common import add_max_seconds, print_result
 from torch import nn
 
 from trainer.data import load_dataset
@@ -183,13 +183,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target", type=float, default=0.975)
     parser.add_argument("--max-epochs", type=float, default=20.0)
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=0.0,
-        help="stop, with an evaluation, once this "
-        "many seconds since --launch have passed (0: no limit); the curve says how far it got",
-    )
+    add_max_seconds(parser)
     parser.add_argument("--eval-every", type=float, default=0.25, help="epochs")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup-steps", type=int, default=30)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import print_result
+from common import add_max_seconds, print_result
 from torch import nn
 
 import trainer.tasks.shakespeare as sk
@@ -222,13 +222,7 @@ def main() -> None:
     parser.add_argument("--launch", type=float, default=0.0, help="launcher's time.time()")
     parser.add_argument("--target", type=float, default=1.90, help="val_loss to reach")
     parser.add_argument("--max-steps", type=int, default=3000)
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=0.0,
-        help="stop, with an evaluation, once this "
-        "many seconds since --launch have passed (0: no limit); the curve says how far it got",
-    )
+    add_max_seconds(parser)
     parser.add_argument("--eval-every", type=int, default=100, help="steps")
     # ownloop
     parser.add_argument("--gossip", action="store_true", help="wrap in GossipOptimizer")

@@ -163,6 +163,17 @@ def emit(result: dict[str, Any], tables: Sequence[str], json_path: Path | None =
         json_path.write_text(text + "\n")
 
 
+def add_max_seconds(parser: argparse.ArgumentParser) -> None:
+    """A worker's wall budget: its ranks stop, with an evaluation, once it is spent."""
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="stop, with an evaluation, once this many seconds since --launch have passed "
+        "(0: no limit); the curve says how far it got",
+    )
+
+
 def python_cmd() -> list[str]:
     """This interpreter, with this run's -O flag passed on to the helper."""
     return [sys.executable, *(["-O"] if sys.flags.optimize else [])]

@@ -182,7 +182,7 @@ async def test_the_driver_applies_actions_in_order_and_records_each():
 @pytest.mark.real
 def test_kill_restart_partition_heal_and_every_survivor_is_accurate(tmp_path):
     run_dir = tmp_path / "run"
-    argv = ["local", "--peers", "4", "--epochs", "40", "--run-dir", str(run_dir)]
+    argv = ["local", "--peers", "4", "--epochs", "120", "--run-dir", str(run_dir)]
     argv += ["--no-progress", "--restart-failed", "--checkpoint-seconds", "1", "--proxy"]
     # Down long enough that the others notice before it is back: a peer forked from the
     # launcher's pre-loaded parent listens again within about a second.

@@ -20,7 +20,9 @@ def cell(x):
 def test_a_chaos_run_ends_with_a_report_of_every_plot(tmp_path):
     need_matplotlib()
     run_dir = tmp_path / "run"
-    argv = ["local", "--peers", "4", "--epochs", "15", "--eval-every", "100"]
+    # Long enough that the killed peer is back (restart delay 3 s) and the partition healed
+    # (at 9 s) well before the others finish, on a fast machine too.
+    argv = ["local", "--peers", "4", "--epochs", "120", "--eval-every", "100"]
     argv += ["--run-dir", str(run_dir), "--no-progress", "--proxy"]
     argv += ["--restart-failed", "--checkpoint-seconds", "1", "--restart-delay", "3"]
     argv += ["--fault", "at=1 kind=kill peer=peer-1"]

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -83,7 +84,39 @@ class Child:
     metrics_port: int = 0  # --metrics: where it serves Prometheus metrics (0: off)
 
 
+# Where the peers' own ports are drawn from: below the kernel's ephemeral range, which
+# outgoing connections and the proxy's fronts (bound to port 0) take theirs from. A port
+# drawn from that range (bind to 0, close) could be handed out again, to a proxy front or
+# to an earlier peer's outgoing connection, before its own peer listened on it ("Address
+# already in use", seen once in a chaos test through the proxy).
+PORT_FLOOR = 10000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 if it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free on ``host`` now, below the ephemeral range where it leaves room (else
+    ephemeral ones, as the kernel hands them out)."""
+    low = ephemeral_low()
+    if low - PORT_FLOOR >= 64 * max(1, n):
+        rng = random.Random()
+        found: list[int] = []
+        for port in rng.sample(range(PORT_FLOOR, low), min(low - PORT_FLOOR, 64 * n)):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue  # taken: another process listens there
+            found.append(port)
+            if len(found) == n:
+                return found
     socks = []
     try:
         for _ in range(n):

@@ -85,7 +85,7 @@ def test_a_stranger_cannot_join_a_run(tmp_path: Path) -> None:
                 "--run-dir", str(tmp_path / "stranger"), *extra,
             )  # fmt: skip
             assert_one_line_error(rc, err, addr, "authentication failed")
-        launcher.send_signal(signal.SIGTERM)  # both peers stop cleanly, as a user's Ctrl-C
+        launcher.send_signal(signal.SIGTERM)  # both peers stop cleanly (Ctrl-C does the same)
         launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:

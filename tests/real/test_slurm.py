@@ -274,7 +274,7 @@ def test_four_tasks_train_and_three_finish_after_one_is_killed(cluster):
         [
             "sbatch", "--wait", "--parsable", "--overcommit", "--ntasks=4", "--time=5",
             str(ROOT / "deploy/slurm/train.sbatch"),
-            "--epochs", "2", "--threads", "1", "--profile", "test", "--linger", "20",
+            "--epochs", "30", "--threads", "1", "--profile", "test", "--linger", "20",
         ],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

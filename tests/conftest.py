@@ -3,6 +3,7 @@ network and discrete-event simulations), tests/real (real sockets, processes, fi
 Test modules import these helpers with ``from conftest import ...`` from any tier."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def apt_install(*args: str) -> None:
+    """``apt-get update``, then ``apt-get install -y -q ARGS`` (non-interactive); a failure
+    of either fails the test with apt's last words. For the tests that install the system
+    service they need (Slurm, dnsmasq) from Debian's packages."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *args]):
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
 
 
 def cli(*args: str) -> list[str]:

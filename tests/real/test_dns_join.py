@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, apt_install, cli
 
 from p2p.secure import write_secret
 from trainer.chaos.netns import ETC_NETNS, NamespaceNet, netns_available, owned_names
@@ -46,14 +46,7 @@ def dnsmasq_binary() -> str:
         _unavailable("not root: cannot install dnsmasq")
     if shutil.which("apt-get") is None:
         _unavailable("no apt-get: cannot install dnsmasq")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "dnsmasq-base"],
-    ):
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
+    apt_install("--no-install-recommends", "dnsmasq-base")
     found = shutil.which("dnsmasq", path=SBIN_PATH)
     if found is None:
         pytest.fail("dnsmasq-base installed, but no dnsmasq binary on the path")

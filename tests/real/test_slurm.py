@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, apt_install
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "squeue", "scancel", "srun", "scontrol")
@@ -55,14 +55,7 @@ def install() -> None:
         pytest.fail(f"CI=true: {reason}")
     if reason is not None:
         pytest.skip(reason)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],
-    ):
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
+    apt_install("slurm-wlm", "munge")
     if missing([*DAEMONS, *CLIENTS]):
         pytest.fail(f"installed, but {', '.join(missing([*DAEMONS, *CLIENTS]))} still missing")
 

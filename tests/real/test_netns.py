@@ -158,8 +158,10 @@ def test_a_multi_host_run_takes_faults_from_the_standalone_chaos_tool(tmp_path):
             "--netns",
             "--peers",
             "3",
+            # Long enough to outlast the last fault (ends at 5 s) on a fast machine too: 40
+            # epochs trained for 5.4 s here, and the slow-peer's end met finished peers.
             "--epochs",
-            "40",
+            "120",
             "--linger",
             "5",
             "--run-dir",
